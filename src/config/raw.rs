@@ -1,0 +1,303 @@
+//! The TOML schema exactly as users write it. Everything here is parsed with
+//! `deny_unknown_fields`; `validate.rs` turns it into the runtime types.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    /// `"keys"` (default) or `"none"` (no authentication, must be explicit).
+    pub auth: Option<String>,
+    #[serde(default)]
+    pub providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    pub models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, RawTier>,
+    #[serde(default)]
+    pub routers: BTreeMap<String, RawRouter>,
+    #[serde(default)]
+    pub classifiers: BTreeMap<String, RawClassifier>,
+    #[serde(default)]
+    pub keys: BTreeMap<String, RawKey>,
+    #[serde(default)]
+    pub teams: BTreeMap<String, RawTeam>,
+    pub cache: Option<RawCache>,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line + headers) accepted.
+    #[serde(default = "default_max_header")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+    pub log_level: Option<String>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_body_bytes: default_max_body(),
+            shutdown_grace: default_grace(),
+            header_read_timeout: default_header_timeout(),
+            max_header_bytes: default_max_header(),
+            log_format: default_log_format(),
+            log_level: None,
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_max_body() -> usize {
+    4 * 1024 * 1024
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_header() -> usize {
+    64 * 1024
+}
+fn default_log_format() -> String {
+    "pretty".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    /// `openai` (any OpenAI-compatible HTTP API) or `mock` (built in, no network).
+    pub kind: String,
+    pub base_url: Option<String>,
+    /// Name of the env var holding the API key; the key itself never lives in the file.
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Time until the first byte of the upstream body.
+    #[serde(default, with = "humantime_serde")]
+    pub first_byte_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub total_timeout: Option<Duration>,
+    /// Extra attempts on the same deployment before moving on (before the first byte only).
+    pub retries: Option<u32>,
+    // Mock-only knobs.
+    #[serde(default, with = "humantime_serde")]
+    pub latency: Option<Duration>,
+    pub tokens_per_second: Option<u32>,
+    pub reply_words: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub provider: String,
+    pub upstream_model: Option<String>,
+    #[serde(default)]
+    pub price: RawPrice,
+    /// Output cap assumed for budget reservations when a request sets no max tokens.
+    pub max_output_tokens: Option<u64>,
+    /// Tried in order when this model is requested directly and fails before the first byte.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Relative weight under the `weighted` tier strategy.
+    pub weight: Option<u32>,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    #[serde(default)]
+    pub input: f64,
+    pub cached_input: Option<f64>,
+    #[serde(default)]
+    pub output: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub models: Vec<String>,
+    /// `ordered` (default), `weighted`, `least_latency`.
+    pub strategy: Option<String>,
+    pub fallback_tier: Option<String>,
+    /// Consecutive failures before a deployment is put in cooldown.
+    pub cooldown_after: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub cooldown: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouter {
+    /// `embedded` (default), `llm`, `rules`, or the name of a `[classifiers.X]`.
+    pub classifier: Option<String>,
+    pub min_confidence: Option<f64>,
+    pub unknown_tier: String,
+    pub input: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+    /// `llm` classifier: the model that picks the label.
+    pub classifier_model: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub classifier_timeout: Option<Duration>,
+    /// `rules` classifier (and hints for the others): label -> keywords / regexes.
+    #[serde(default)]
+    pub keywords: BTreeMap<String, Vec<String>>,
+    pub cache: Option<RawCacheOverride>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub when: Option<RawWhen>,
+    pub tier: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawWhen {
+    pub label: Option<OneOrMany>,
+    pub min_confidence: Option<f64>,
+    pub min_prompt_tokens: Option<u64>,
+    pub max_prompt_tokens: Option<u64>,
+    pub has_tools: Option<bool>,
+    pub has_images: Option<bool>,
+    pub json_response: Option<bool>,
+    pub min_turns: Option<u32>,
+    pub max_turns: Option<u32>,
+    pub key: Option<OneOrMany>,
+    /// `{ name = "x-tenant", value = "gold" }`; value omitted = header present.
+    pub header: Option<RawHeaderMatch>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatch {
+    pub name: String,
+    pub value: Option<String>,
+}
+
+/// A custom label set: from a trained model file, or example utterances per label.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClassifier {
+    pub model_file: Option<String>,
+    #[serde(default)]
+    pub examples: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub key_sha256: Option<String>,
+    pub key_env: Option<String>,
+    pub team: Option<String>,
+    /// Routers and models this key may use; empty = all.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_parallel: Option<u32>,
+    /// USD per `period`.
+    pub budget: Option<f64>,
+    /// `daily`, `weekly`, `monthly` or `total` (default).
+    pub period: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTeam {
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_parallel: Option<u32>,
+    /// USD per `period`.
+    pub budget: Option<f64>,
+    pub period: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    pub max_bytes: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    /// `per_key` (default) or `shared`.
+    pub scope: Option<String>,
+    /// Allow caching `n > 1` with temperature > 0.
+    #[serde(default)]
+    pub cache_sampled: bool,
+    #[serde(default)]
+    pub models: BTreeMap<String, RawCacheOverride>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheOverride {
+    pub enabled: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Serve /metrics on this address instead of the main listener.
+    pub listen: Option<String>,
+    /// Set false to hide /metrics entirely.
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// `sqlite` (default) or `memory` (nothing durable; tests and demos).
+    pub kind: Option<String>,
+    pub state_dir: Option<String>,
+}

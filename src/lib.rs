@@ -1,0 +1,32 @@
+//! triage: an OpenAI-compatible LLM gateway that classifies each request with
+//! a small in-process model, routes it to a tier of models by rule, and
+//! enforces per-key rate and spend ceilings. The request path is documented
+//! once, in `server/mod.rs`.
+
+pub mod auth;
+pub mod config;
+pub mod route;
+pub mod server;
+pub mod upstream;
+pub mod usage;
+
+use std::sync::Arc;
+
+/// Errors that stop the gateway from starting (never seen by clients).
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Config(#[from] config::ConfigErrors),
+    #[error("provider {0}: {1}")]
+    Provider(String, String),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Builds the gateway state from a validated config.
+pub fn build_state(config: config::Config) -> Result<Arc<server::state::AppState>, StartupError> {
+    let runtime = server::state::Runtime::build(config)?;
+    Ok(Arc::new(server::state::AppState::new(runtime)))
+}

@@ -1,0 +1,231 @@
+//! The HTTP server and the request path. One request travels, in order:
+//!
+//! 1. **Connection** (`serve`): hyper HTTP/1.1 + HTTP/2; a request head must
+//!    arrive within `server.header_read_timeout` (slowloris) and fit in
+//!    `server.max_header_bytes`; on SIGTERM the listener closes and open
+//!    requests and streams drain for up to `server.shutdown_grace`.
+//! 2. **Access layer** (`access_log`): adopts the client's `x-request-id` or
+//!    makes one, echoes it on the response, counts the request in flight, and
+//!    writes one log line per request with status, latency, key and route.
+//! 3. **Panic guard** (`CatchPanicLayer`): a bug becomes a 500 envelope, never
+//!    a dropped connection.
+//! 4. **Router**: `/healthz`, `/readyz`, `/metrics` are open; everything under
+//!    `/v1` first passes **authentication** (`authenticate`: virtual key → 401).
+//!    Unknown paths get a 404 envelope, wrong methods a 405 envelope.
+//! 5. **Chat handler** (`handlers::chat_completions`), step by step:
+//!    1. read the body, bounded by `server.max_body_bytes` (413);
+//!    2. parse the typed fields once, keep the rest verbatim (400 names the field);
+//!    3. resolve `model` to a router or a model, check the key may use it (404/403);
+//!    4. agent guards: session ceilings and tool-call loop detection;
+//!    5. rate limits: rpm, tpm on the prompt estimate, max_parallel (429);
+//!    6. classify (routers only) and pick a tier by rule → `RouteDecision`;
+//!    7. cache lookup, single-flight for identical concurrent misses;
+//!    8. reserve the worst-case cost against the key's and team's budget (429);
+//!    9. execute: one call with fallback across deployments (retries only
+//!       before the first byte reaches the client), or a vote, or a cascade;
+//!    10. respond: JSON, or SSE forwarded chunk by chunk as it arrives;
+//!    11. when the response ends (or the client leaves): settle spend and
+//!        tokens, record metrics, fill the cache if the answer was complete.
+
+pub mod error;
+pub mod handlers;
+pub mod request;
+pub mod state;
+pub mod stream;
+
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::ApiError;
+use http::HeaderValue;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use state::AppState;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// The request id, available to handlers and the access log.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub Arc<str>);
+
+/// Facts a handler leaves on its response for the access log.
+#[derive(Clone, Debug, Default)]
+pub struct LogFacts {
+    pub key: Option<String>,
+    pub route: Option<String>,
+    pub cache: Option<&'static str>,
+}
+
+/// Builds the whole application: the numbered stack above.
+pub fn app(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/chat/completions", post(handlers::chat_completions))
+        .route("/completions", post(handlers::completions))
+        .route("/embeddings", post(handlers::embeddings))
+        .route("/models", get(handlers::list_models))
+        .route("/triage/keys/self", get(handlers::key_self))
+        .route_layer(middleware::from_fn_with_state(state.clone(), handlers::authenticate));
+    Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .with_state(state)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::internal("The gateway hit an internal error; it has been logged.").into_response()
+        }))
+        .layer(middleware::from_fn(access_log))
+}
+
+static REQ_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn new_request_id() -> Arc<str> {
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    let p = PREFIX.get_or_init(rand::random::<u32>);
+    let n = REQ_SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("req-{p:08x}{n:010x}").into()
+}
+
+fn valid_request_id(v: &HeaderValue) -> Option<&str> {
+    let s = v.to_str().ok()?;
+    (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())).then_some(s)
+}
+
+pub static IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+
+async fn access_log(mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let id: Arc<str> = match req.headers().get("x-request-id").and_then(valid_request_id) {
+        Some(s) => s.into(),
+        None => new_request_id(),
+    };
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+    let mut resp = next.run(req).await;
+    IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let status = resp.status().as_u16();
+    let facts = resp.extensions().get::<LogFacts>().cloned().unwrap_or_default();
+    let err = resp.extensions().get::<error::ErrorCode>().map(|e| e.0);
+    let micros = start.elapsed().as_micros() as u64;
+    if path != "/healthz" && path != "/readyz" && path != "/metrics" {
+        tracing::info!(
+            target: "triage::access",
+            request_id = %id,
+            method = %method,
+            path = %path,
+            status,
+            latency_us = micros,
+            key = facts.key.as_deref().unwrap_or("-"),
+            route = facts.route.as_deref().unwrap_or("-"),
+            cache = facts.cache.unwrap_or("-"),
+            error = err.unwrap_or("-"),
+            "request"
+        );
+    }
+    resp
+}
+
+/// A running gateway (tests and `serve` both use this).
+pub struct Gateway {
+    pub addr: std::net::SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Binds `listener` and serves until `shutdown()`.
+    pub fn start(state: Arc<AppState>, listener: TcpListener) -> std::io::Result<Gateway> {
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            serve(st, listener, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Ok(Gateway {
+            addr,
+            state,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Stops accepting and drains (up to the grace period).
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Accept loop with graceful drain; returns once drained or the grace ends.
+pub async fn serve(state: Arc<AppState>, listener: TcpListener, signal: impl std::future::Future<Output = ()>) {
+    let (grace, header_timeout, max_header) = {
+        let rt = state.runtime.load();
+        let s = &rt.config.server;
+        (s.shutdown_grace, s.header_read_timeout, s.max_header_bytes)
+    };
+    let service = app(state.clone());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_header.max(8192));
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(max_header as u32);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    state.ready.store(true, Ordering::SeqCst);
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let svc = hyper_util::service::TowerToHyperService::new(service.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut signal => break,
+        }
+    }
+    state.ready.store(false, Ordering::SeqCst);
+    drop(listener);
+    tracing::info!(grace_secs = grace.as_secs_f64(), "draining open requests");
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => tracing::warn!("grace period over; cutting remaining connections"),
+    }
+}

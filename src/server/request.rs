@@ -1,0 +1,268 @@
+//! Parsing of OpenAI request bodies. The typed parts are read once; every
+//! other field stays in the JSON map and is forwarded untouched.
+
+use super::error::ApiError;
+use crate::usage::estimate_tokens;
+use serde_json::{Map, Value};
+
+/// What routing rules and limits need to know about a chat request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestFeatures {
+    pub prompt_tokens: u64,
+    pub has_tools: bool,
+    pub has_images: bool,
+    pub json_response: bool,
+    /// User messages in the conversation.
+    pub turns: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub body: Map<String, Value>,
+    pub model: String,
+    pub stream: bool,
+    /// The client itself asked for the usage chunk.
+    pub client_wants_usage: bool,
+    pub max_tokens: Option<u64>,
+    pub n: u32,
+    pub features: RequestFeatures,
+}
+
+/// Most choices a request may ask for (OpenAI's own limit).
+const MAX_N: u64 = 128;
+
+pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::invalid_request("Request body is empty; expected a JSON object."));
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::invalid_request("Request body must be a JSON object.")),
+        Err(e) => Err(ApiError::invalid_request(format!(
+            "We could not parse the JSON body of your request ({e})."
+        ))),
+    }
+}
+
+pub fn model_field(body: &Map<String, Value>) -> Result<String, ApiError> {
+    match body.get("model") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) | None => {
+            Err(ApiError::invalid_param("model", "you must provide a model parameter"))
+        }
+        Some(_) => Err(ApiError::invalid_param("model", "`model` must be a string")),
+    }
+}
+
+fn opt_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid_param(field, format!("`{field}` must be a non-negative integer"))),
+    }
+}
+
+fn opt_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::invalid_param(field, format!("`{field}` must be a boolean"))),
+    }
+}
+
+pub fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
+    let body = parse_object(bytes)?;
+    let model = model_field(&body)?;
+    let stream = opt_bool(&body, "stream")?.unwrap_or(false);
+    let client_wants_usage = match body.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "stream_options.include_usage",
+                    "`stream_options.include_usage` must be a boolean",
+                ))
+            }
+        },
+        Some(_) => return Err(ApiError::invalid_param("stream_options", "`stream_options` must be an object")),
+    };
+    let max_tokens = match opt_u64(&body, "max_completion_tokens")? {
+        Some(m) => Some(m),
+        None => opt_u64(&body, "max_tokens")?,
+    };
+    let n = opt_u64(&body, "n")?.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(ApiError::invalid_param("n", format!("`n` must be between 1 and {MAX_N}")));
+    }
+    let features = features(&body)?;
+    Ok(ChatRequest {
+        body,
+        model,
+        stream,
+        client_wants_usage,
+        max_tokens,
+        n: n as u32,
+        features,
+    })
+}
+
+fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ApiError> {
+    let messages = match body.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => m,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid_param("messages", "`messages` must contain at least one message"))
+        }
+        Some(_) => return Err(ApiError::invalid_param("messages", "`messages` must be an array")),
+        None => return Err(ApiError::invalid_param("messages", "you must provide a messages parameter")),
+    };
+    let mut f = RequestFeatures::default();
+    for (i, m) in messages.iter().enumerate() {
+        let Some(obj) = m.as_object() else {
+            return Err(ApiError::invalid_param(&format!("messages[{i}]"), format!("`messages[{i}]` must be an object")));
+        };
+        let role = match obj.get("role") {
+            Some(Value::String(r)) => r.as_str(),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].role"),
+                    format!("`messages[{i}].role` is required and must be a string"),
+                ))
+            }
+        };
+        if role == "user" {
+            f.turns += 1;
+        }
+        // Per-message framing overhead, as OpenAI counts it.
+        f.prompt_tokens += 4;
+        match obj.get("content") {
+            Some(Value::String(s)) => f.prompt_tokens += estimate_tokens(s),
+            Some(Value::Array(parts)) => {
+                for p in parts {
+                    match p.get("type").and_then(Value::as_str) {
+                        Some("text") => {
+                            f.prompt_tokens += p.get("text").and_then(Value::as_str).map(estimate_tokens).unwrap_or(0)
+                        }
+                        Some("image_url") | Some("input_image") => {
+                            f.has_images = true;
+                            // A typical high-detail image tile budget.
+                            f.prompt_tokens += 765;
+                        }
+                        _ => f.prompt_tokens += estimate_tokens(&p.to_string()),
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some(tc) = obj.get("tool_calls") {
+            f.prompt_tokens += estimate_tokens(&tc.to_string());
+        }
+    }
+    if let Some(Value::Array(tools)) = body.get("tools") {
+        if !tools.is_empty() {
+            f.has_tools = true;
+            f.prompt_tokens += tools.iter().map(|t| estimate_tokens(&t.to_string())).sum::<u64>();
+        }
+    }
+    if body.get("functions").is_some() {
+        f.has_tools = true;
+    }
+    f.json_response = matches!(
+        body.pointer_get("response_format", "type"),
+        Some("json_object") | Some("json_schema")
+    );
+    f.prompt_tokens += 3;
+    Ok(f)
+}
+
+trait PointerGet {
+    fn pointer_get(&self, a: &str, b: &str) -> Option<&str>;
+}
+
+impl PointerGet for Map<String, Value> {
+    fn pointer_get(&self, a: &str, b: &str) -> Option<&str> {
+        self.get(a)?.get(b)?.as_str()
+    }
+}
+
+/// Text of a message's content (string or text parts).
+pub fn content_text(m: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match m.get("content")? {
+        Value::String(s) => Some(std::borrow::Cow::Borrowed(s)),
+        Value::Array(parts) => {
+            let mut s = String::new();
+            for p in parts {
+                if let Some(t) = p.get("text").and_then(Value::as_str) {
+                    if !s.is_empty() {
+                        s.push('\n');
+                    }
+                    s.push_str(t);
+                }
+            }
+            Some(std::borrow::Cow::Owned(s))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_typed_parts_and_keeps_the_rest() {
+        let r = parse_chat(br#"{"model":"auto","messages":[{"role":"user","content":"hi"}],"stream":true,
+            "stream_options":{"include_usage":true},"max_tokens":5,"seed":7,"vendor_x":{"a":1},
+            "tools":[{"type":"function","function":{"name":"f"}}],"response_format":{"type":"json_object"}}"#);
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(r.model, "auto");
+        assert!(r.stream && r.client_wants_usage);
+        assert_eq!(r.max_tokens, Some(5));
+        assert!(r.features.has_tools && r.features.json_response);
+        assert_eq!(r.features.turns, 1);
+        assert_eq!(r.body["vendor_x"]["a"], 1);
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"{", ""),
+            (b"[]", ""),
+            (br#"{"messages":[{"role":"user","content":"x"}]}"#, "model"),
+            (br#"{"model":"m"}"#, "messages"),
+            (br#"{"model":"m","messages":[]}"#, "messages"),
+            (br#"{"model":"m","messages":[{"content":"x"}]}"#, "messages[0].role"),
+            (br#"{"model":"m","messages":[{"role":"user"}],"n":0}"#, "n"),
+            (br#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#, "stream"),
+            (br#"{"model":"m","messages":[{"role":"user"}],"max_tokens":-1}"#, "max_tokens"),
+        ];
+        for (body, param) in cases {
+            let e = parse_chat(body).err();
+            let e = match e {
+                Some(e) => e,
+                None => panic!("accepted {}", String::from_utf8_lossy(body)),
+            };
+            assert_eq!(e.status, 400);
+            assert_eq!(e.param.as_deref().unwrap_or(""), *param);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_chat(&data);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(s in "\\{\"model\":\"m\",\"messages\":\\[(\\{\"role\":\"(user|assistant)\",\"content\":(\"[a-z ]{0,20}\"|\\[\\]|null|1)\\},?){0,3}\\]\\}") {
+            let _ = parse_chat(s.as_bytes());
+        }
+    }
+}

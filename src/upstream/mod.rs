@@ -1,0 +1,273 @@
+//! Provider clients. Every provider speaks the OpenAI HTTP API: remote ones
+//! through a pooled `reqwest` client, the built-in mock in-process through
+//! the same request/response shape, so the gateway has one code path.
+
+pub mod mock;
+pub mod sse;
+
+use crate::config::{ProviderConfig, ProviderKind};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use http::{HeaderMap, StatusCode};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
+
+/// Why an upstream attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to provider {provider}: {detail}")]
+    Connect { provider: String, detail: String },
+    #[error("provider {provider} timed out ({phase})")]
+    Timeout {
+        provider: String,
+        phase: &'static str,
+    },
+    #[error("provider {provider} broke the response: {detail}")]
+    Body { provider: String, detail: String },
+}
+
+impl UpstreamError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::Body { .. } => "body",
+        }
+    }
+}
+
+/// An upstream response whose headers have arrived; the body streams.
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: BodyStream,
+}
+
+impl UpstreamResponse {
+    /// Reads the whole body, bounded in size.
+    pub async fn collect(self, limit: usize) -> Result<Bytes, UpstreamError> {
+        let mut body = self.body;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            if buf.len() + chunk.len() > limit {
+                return Err(UpstreamError::Body {
+                    provider: String::new(),
+                    detail: format!("response larger than {limit} bytes"),
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// `Retry-After` in seconds, when the provider sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.headers
+            .get(http::header::RETRY_AFTER)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(Duration::from_secs)
+    }
+}
+
+enum Transport {
+    Http {
+        client: reqwest::Client,
+        base_url: String,
+    },
+    Mock(axum::Router),
+}
+
+/// One configured provider.
+pub struct Provider {
+    pub config: Arc<ProviderConfig>,
+    transport: Transport,
+}
+
+impl Provider {
+    pub fn new(config: Arc<ProviderConfig>) -> Result<Provider, reqwest::Error> {
+        let transport = match &config.kind {
+            ProviderKind::OpenAi { base_url } => Transport::Http {
+                client: reqwest::Client::builder()
+                    .connect_timeout(config.connect_timeout)
+                    .tcp_nodelay(true)
+                    .pool_max_idle_per_host(1024)
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build()?,
+                base_url: base_url.clone(),
+            },
+            ProviderKind::Mock(settings) => Transport::Mock(mock::router(settings.clone())),
+        };
+        Ok(Provider { config, transport })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Sends `body` to `path` (e.g. `/chat/completions`) and waits for the
+    /// response head and the first body bytes within the first-byte timeout.
+    /// The body stream ends with a timeout error at `deadline`.
+    pub async fn send(
+        &self,
+        path: &str,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let first_byte = Instant::now() + self.config.first_byte_timeout;
+        let head_deadline = first_byte.min(deadline);
+        let fut = self.send_inner(path, body);
+        let resp = match tokio::time::timeout_at(head_deadline, fut).await {
+            Ok(r) => r?,
+            Err(_) => return Err(self.timeout("first byte")),
+        };
+        // Wait for the first body chunk too: headers alone say little about
+        // whether a streaming provider is actually producing tokens.
+        let mut body = resp.body;
+        let first = match tokio::time::timeout_at(head_deadline, body.next()).await {
+            Ok(first) => first,
+            Err(_) => return Err(self.timeout("first byte")),
+        };
+        let first = match first {
+            Some(Ok(b)) => Some(b),
+            Some(Err(e)) => return Err(e),
+            None => None,
+        };
+        let rest = DeadlineStream {
+            inner: body,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            provider: self.config.name.clone(),
+            done: false,
+        };
+        let body: BodyStream = match first {
+            Some(b) => Box::pin(futures::stream::once(async move { Ok(b) }).chain(rest)),
+            None => Box::pin(rest),
+        };
+        Ok(UpstreamResponse {
+            status: resp.status,
+            headers: resp.headers,
+            body,
+        })
+    }
+
+    fn timeout(&self, phase: &'static str) -> UpstreamError {
+        UpstreamError::Timeout {
+            provider: self.config.name.clone(),
+            phase,
+        }
+    }
+
+    async fn send_inner(&self, path: &str, body: Bytes) -> Result<UpstreamResponse, UpstreamError> {
+        match &self.transport {
+            Transport::Http { client, base_url } => {
+                let mut req = client
+                    .post(format!("{base_url}{path}"))
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(body);
+                if let Some(k) = &self.config.api_key {
+                    req = req.bearer_auth(k);
+                }
+                for (h, v) in &self.config.headers {
+                    req = req.header(h, v);
+                }
+                let resp = req.send().await.map_err(|e| UpstreamError::Connect {
+                    provider: self.config.name.clone(),
+                    detail: error_chain(&e),
+                })?;
+                let status = resp.status();
+                let headers = resp.headers().clone();
+                let provider = self.config.name.clone();
+                let body = resp.bytes_stream().map(move |r| {
+                    r.map_err(|e| UpstreamError::Body {
+                        provider: provider.clone(),
+                        detail: error_chain(&e),
+                    })
+                });
+                Ok(UpstreamResponse {
+                    status,
+                    headers,
+                    body: Box::pin(body),
+                })
+            }
+            Transport::Mock(router) => {
+                let req = http::Request::builder()
+                    .method(http::Method::POST)
+                    .uri(format!("/v1{path}"))
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(axum::body::Body::from(body))
+                    .map_err(|e| UpstreamError::Connect {
+                        provider: self.config.name.clone(),
+                        detail: e.to_string(),
+                    })?;
+                let resp = match router.clone().oneshot(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                let (parts, body) = resp.into_parts();
+                let provider = self.config.name.clone();
+                let body = body.into_data_stream().map(move |r| {
+                    r.map_err(|e| UpstreamError::Body {
+                        provider: provider.clone(),
+                        detail: e.to_string(),
+                    })
+                });
+                Ok(UpstreamResponse {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: Box::pin(body),
+                })
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Ends a body with a timeout error once the total deadline passes.
+struct DeadlineStream {
+    inner: BodyStream,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    provider: String,
+    done: bool,
+}
+
+impl Stream for DeadlineStream {
+    type Item = Result<Bytes, UpstreamError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(item) = self.inner.as_mut().poll_next(cx) {
+            return Poll::Ready(item);
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            return Poll::Ready(Some(Err(UpstreamError::Timeout {
+                provider: self.provider.clone(),
+                phase: "total",
+            })));
+        }
+        Poll::Pending
+    }
+}
+
+use std::future::Future;

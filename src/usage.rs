@@ -1,0 +1,98 @@
+//! Token usage and the cheap token estimate used where a provider reports none.
+
+use serde::{Deserialize, Serialize};
+
+/// Token counts of one upstream call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Part of `prompt_tokens` served from the provider's prompt cache.
+    pub cached_tokens: u64,
+    /// True when counted by our estimate rather than reported by the provider.
+    pub estimated: bool,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+
+    pub fn add(&mut self, o: &Usage) {
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.cached_tokens += o.cached_tokens;
+        self.estimated |= o.estimated;
+    }
+
+    /// Reads OpenAI's `usage` object.
+    pub fn from_json(v: &serde_json::Value) -> Option<Usage> {
+        let prompt = v.get("prompt_tokens")?.as_u64()?;
+        let completion = v
+            .get("completion_tokens")
+            .and_then(|c| c.as_u64())
+            .unwrap_or(0);
+        let cached = v
+            .pointer("/prompt_tokens_details/cached_tokens")
+            .and_then(|c| c.as_u64())
+            .unwrap_or(0);
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: cached.min(prompt),
+            estimated: false,
+        })
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total(),
+            "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
+        })
+    }
+}
+
+/// Token estimate for text: about four bytes per token for English and code,
+/// one per character for CJK-like scripts. Cheap, allocation-free, and
+/// biased slightly high so that reservations err on the safe side.
+pub fn estimate_tokens(text: &str) -> u64 {
+    let mut ascii = 0u64;
+    let mut wide = 0u64;
+    for b in text.bytes() {
+        if b < 0x80 {
+            ascii += 1;
+        } else if b & 0xC0 != 0x80 {
+            // Count the lead byte of each non-ASCII character once.
+            wide += 1;
+        }
+    }
+    if ascii == 0 && wide == 0 {
+        return 0;
+    }
+    ascii.div_ceil(4) + wide
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimates_are_plausible() {
+        assert_eq!(estimate_tokens(""), 0);
+        assert_eq!(estimate_tokens("hi"), 1);
+        assert_eq!(estimate_tokens("The quick brown fox jumps over the lazy dog"), 11);
+        assert_eq!(estimate_tokens("日本語"), 3);
+    }
+
+    #[test]
+    fn reads_openai_usage() {
+        let v = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "prompt_tokens_details": {"cached_tokens": 4}});
+        let u = Usage::from_json(&v);
+        assert_eq!(
+            u,
+            Some(Usage { prompt_tokens: 10, completion_tokens: 5, cached_tokens: 4, estimated: false })
+        );
+    }
+}
