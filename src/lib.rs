@@ -4,11 +4,18 @@
 //! once, in `server/mod.rs`.
 
 pub mod auth;
+pub mod cache;
+pub mod classify;
 pub mod config;
+pub mod guard;
+pub mod limits;
+pub mod metrics;
 pub mod route;
 pub mod server;
+pub mod store;
 pub mod upstream;
 pub mod usage;
+pub mod vote;
 
 use std::sync::Arc;
 
@@ -27,6 +34,5 @@ pub enum StartupError {
 
 /// Builds the gateway state from a validated config.
 pub fn build_state(config: config::Config) -> Result<Arc<server::state::AppState>, StartupError> {
-    let runtime = server::state::Runtime::build(config)?;
-    Ok(Arc::new(server::state::AppState::new(runtime)))
+    Ok(Arc::new(server::state::AppState::new(config)?))
 }

@@ -110,6 +110,7 @@ mod tests {
             team: None,
             allow: vec![],
             limits: LimitsConfig::default(),
+            guard: None,
         }]);
         assert_eq!(table.authenticate(&key).map(|k| k.name.as_str()), Some("app"));
         assert!(table.authenticate("sk-wrong").is_none());

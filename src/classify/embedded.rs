@@ -212,8 +212,56 @@ pub struct EmbeddedClassifier {
     bias: Vec<f32>,
     /// Per-label dequantization factor for `weights`.
     scales: Vec<f32>,
-    /// Row-major `[bucket][label]`, so one feature reads one contiguous row.
-    weights: Vec<i8>,
+    weights: Weights,
+}
+
+/// Quantized weights, row-major `[bucket][label]` so one feature reads one contiguous row.
+#[derive(Debug, Clone, PartialEq)]
+enum Weights {
+    /// Up to 8 labels: rows padded to 8 bytes for vectorised scoring.
+    Narrow(Vec<[i8; 8]>),
+    /// More labels: rows of exactly `k` bytes.
+    Wide(Vec<i8>),
+}
+
+impl Weights {
+    /// Builds from unpadded rows of `k` values.
+    fn from_rows(k: usize, flat: impl ExactSizeIterator<Item = i8>) -> Self {
+        if k <= 8 {
+            let mut rows = Vec::with_capacity(flat.len() / k.max(1));
+            let mut row = [0i8; 8];
+            for (i, v) in flat.enumerate() {
+                row[i % k] = v;
+                if i % k == k - 1 {
+                    rows.push(row);
+                    row = [0; 8];
+                }
+            }
+            Weights::Narrow(rows)
+        } else {
+            Weights::Wide(flat.collect())
+        }
+    }
+
+    /// Appends the unpadded rows (`k` bytes each) to `out`.
+    fn write(&self, k: usize, out: &mut Vec<u8>) {
+        match self {
+            Weights::Narrow(rows) => {
+                for row in rows {
+                    out.extend(row.iter().take(k).map(|&v| v as u8));
+                }
+            }
+            Weights::Wide(w) => out.extend(w.iter().map(|&v| v as u8)),
+        }
+    }
+
+    /// Number of unpadded values (`buckets * k`).
+    fn len(&self, k: usize) -> usize {
+        match self {
+            Weights::Narrow(rows) => rows.len() * k,
+            Weights::Wide(w) => w.len(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -278,36 +326,57 @@ fn char_kind(ch: char) -> CharKind {
     }
 }
 
+/// Receives the hash buckets of a text's features.
+trait Sink {
+    /// A word, punctuation, bigram or length feature.
+    fn word(&mut self, bucket: u32);
+    /// A character n-gram feature.
+    fn char(&mut self, bucket: u32);
+}
+
 /// Streams hashed feature buckets for a text without allocating.
-struct Extractor<'a, F: FnMut(u32)> {
+struct Extractor<'a, S: Sink> {
     cfg: &'a FeatureConfig,
     shift: u32,
-    emit: F,
-    ring: [u32; MAX_NGRAM],
+    sink: S,
+    ring: [u64; MAX_NGRAM],
     ring_pos: usize,
     word_len: usize,
     in_word: bool,
     word_hash: u64,
     prev: Option<u64>,
-    seed_char: u64,
+    /// Per-position multipliers of the character n-gram hash.
+    char_keys: [u64; MAX_NGRAM],
+    /// Per-length offsets, so n-grams of different lengths land apart.
+    len_keys: [u64; MAX_NGRAM + 1],
     seed_word: u64,
     seed_bigram: u64,
 }
 
-impl<'a, F: FnMut(u32)> Extractor<'a, F> {
-    fn new(cfg: &'a FeatureConfig, emit: F) -> Self {
+impl<'a, S: Sink> Extractor<'a, S> {
+    fn new(cfg: &'a FeatureConfig, sink: S) -> Self {
         let s = cfg.hash_seed;
+        let seed_char = mix(s, DOMAIN_CHAR);
+        let mut char_keys = [0u64; MAX_NGRAM];
+        for (i, key) in char_keys.iter_mut().enumerate() {
+            *key = fmix(seed_char.wrapping_add(i as u64)) | 1;
+        }
+        let mut len_keys = [0u64; MAX_NGRAM + 1];
+        for (i, key) in len_keys.iter_mut().enumerate() {
+            *key = fmix(seed_char ^ ((i as u64 + 1) << 32));
+        }
         Self {
             cfg,
             shift: 64 - u32::from(cfg.hash_bits),
-            emit,
+            sink,
             ring: [0; MAX_NGRAM],
             ring_pos: 0,
             word_len: 0,
             in_word: false,
             word_hash: 0,
             prev: None,
-            seed_char: mix(s, DOMAIN_CHAR),
+            char_keys,
+            len_keys,
             seed_word: mix(s, DOMAIN_WORD),
             seed_bigram: mix(s, DOMAIN_BIGRAM),
         }
@@ -321,7 +390,7 @@ impl<'a, F: FnMut(u32)> Extractor<'a, F> {
 
     #[inline(always)]
     fn push_char(&mut self, c: u32) {
-        self.ring[self.ring_pos % MAX_NGRAM] = c;
+        self.ring[self.ring_pos % MAX_NGRAM] = u64::from(c);
         self.ring_pos = self.ring_pos.wrapping_add(1);
         self.word_len += 1;
         let lo = usize::from(self.cfg.char_ngram_min);
@@ -329,14 +398,15 @@ impl<'a, F: FnMut(u32)> Extractor<'a, F> {
             return;
         }
         let hi = usize::from(self.cfg.char_ngram_max).min(self.word_len);
-        // Hash backwards from the newest char, so every n-gram ending here shares the work.
-        let mut h = self.seed_char;
+        // Sum of char * per-position key: the products are independent (no serial hash
+        // chain), and every n-gram ending here extends the shorter one's sum.
+        let mut h = 0u64;
         for n in 1..=hi {
             let ch = self.ring[self.ring_pos.wrapping_sub(n) % MAX_NGRAM];
-            h = mix(h, u64::from(ch));
+            h = h.wrapping_add(ch.wrapping_mul(self.char_keys[n - 1]));
             if n >= lo {
-                let b = self.bucket(h) | CHAR_FLAG;
-                (self.emit)(b);
+                let b = ((h ^ self.len_keys[n]).wrapping_mul(MUL) >> self.shift) as u32;
+                self.sink.char(b);
             }
         }
     }
@@ -368,12 +438,12 @@ impl<'a, F: FnMut(u32)> Extractor<'a, F> {
     fn token(&mut self, h: u64) {
         if self.cfg.word_unigrams {
             let b = self.bucket(h);
-            (self.emit)(b);
+            self.sink.word(b);
         }
         if self.cfg.word_bigrams {
             if let Some(p) = self.prev {
                 let b = self.bucket(mix(mix(self.seed_bigram, p), h));
-                (self.emit)(b);
+                self.sink.word(b);
             }
         }
         self.prev = Some(h);
@@ -394,7 +464,7 @@ impl<'a, F: FnMut(u32)> Extractor<'a, F> {
         self.end_word();
     }
 
-    fn run(mut self, text: &str) {
+    fn run(mut self, text: &str) -> S {
         let (head, tail) = head_tail(
             text,
             self.cfg.max_head_bytes as usize,
@@ -409,8 +479,9 @@ impl<'a, F: FnMut(u32)> Extractor<'a, F> {
         if self.cfg.length_feature {
             let len_bucket = u64::from(usize::BITS - text.len().leading_zeros());
             let b = self.bucket(mix(mix(self.cfg.hash_seed, DOMAIN_LEN), len_bucket));
-            (self.emit)(b);
+            self.sink.word(b);
         }
+        self.sink
     }
 }
 
@@ -432,10 +503,131 @@ fn head_tail(text: &str, head: usize, tail: usize) -> (&str, Option<&str>) {
     (head_part, tail_part)
 }
 
-/// Calls `emit` with the hash bucket of every feature of `text`; character n-gram
-/// buckets carry `CHAR_FLAG`.
-fn extract(cfg: &FeatureConfig, text: &str, emit: impl FnMut(u32)) {
-    Extractor::new(cfg, emit).run(text);
+/// Feeds the hash bucket of every feature of `text` to `sink` and returns it.
+fn extract<S: Sink>(cfg: &FeatureConfig, text: &str, sink: S) -> S {
+    Extractor::new(cfg, sink).run(text)
+}
+
+/// Collects buckets for training; character n-grams are tagged with `CHAR_FLAG`.
+struct Collect<'a>(&'a mut Vec<u32>);
+
+impl Sink for Collect<'_> {
+    #[inline(always)]
+    fn word(&mut self, bucket: u32) {
+        self.0.push(bucket);
+    }
+    #[inline(always)]
+    fn char(&mut self, bucket: u32) {
+        self.0.push(bucket | CHAR_FLAG);
+    }
+}
+
+/// Bucket indices buffered before summing, so the sums stay in registers in a tight loop
+/// instead of round-tripping through memory on every feature.
+const BATCH: usize = 64;
+
+/// Scores with up to 8 labels: one 8-byte row per bucket, summed in fixed-width
+/// arrays the compiler vectorises.
+struct Narrow<'a> {
+    rows: &'a [[i8; 8]],
+    word: [i32; 8],
+    chr: [i32; 8],
+    n_word: usize,
+    n_char: usize,
+    word_buf: [u32; BATCH],
+    char_buf: [u32; BATCH],
+    word_len: usize,
+    char_len: usize,
+}
+
+impl<'a> Narrow<'a> {
+    fn new(rows: &'a [[i8; 8]]) -> Self {
+        Self {
+            rows,
+            word: [0; 8],
+            chr: [0; 8],
+            n_word: 0,
+            n_char: 0,
+            word_buf: [0; BATCH],
+            char_buf: [0; BATCH],
+            word_len: 0,
+            char_len: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn sum(rows: &[[i8; 8]], buckets: &[u32], acc: &mut [i32; 8]) {
+        let mut a = *acc;
+        for &b in buckets {
+            if let Some(row) = rows.get(b as usize) {
+                for (x, &v) in a.iter_mut().zip(row) {
+                    *x += i32::from(v);
+                }
+            }
+        }
+        *acc = a;
+    }
+
+    fn flush(&mut self) {
+        let n = self.word_len.min(BATCH);
+        Self::sum(self.rows, &self.word_buf[..n], &mut self.word);
+        self.n_word += n;
+        self.word_len = 0;
+        let n = self.char_len.min(BATCH);
+        Self::sum(self.rows, &self.char_buf[..n], &mut self.chr);
+        self.n_char += n;
+        self.char_len = 0;
+    }
+}
+
+impl Sink for Narrow<'_> {
+    #[inline(always)]
+    fn word(&mut self, bucket: u32) {
+        if self.word_len >= BATCH {
+            self.flush();
+        }
+        self.word_buf[self.word_len] = bucket;
+        self.word_len += 1;
+    }
+    #[inline(always)]
+    fn char(&mut self, bucket: u32) {
+        if self.char_len >= BATCH {
+            self.flush();
+        }
+        self.char_buf[self.char_len] = bucket;
+        self.char_len += 1;
+    }
+}
+
+/// Scores with any label count (row stride = label count).
+struct Wide<'a> {
+    weights: &'a [i8],
+    k: usize,
+    word: [i32; MAX_LABELS],
+    chr: [i32; MAX_LABELS],
+    n_word: usize,
+    n_char: usize,
+}
+
+impl Sink for Wide<'_> {
+    fn word(&mut self, bucket: u32) {
+        self.n_word += 1;
+        let base = bucket as usize * self.k;
+        if let Some(row) = self.weights.get(base..base + self.k) {
+            for (a, &v) in self.word.iter_mut().zip(row) {
+                *a += i32::from(v);
+            }
+        }
+    }
+    fn char(&mut self, bucket: u32) {
+        self.n_char += 1;
+        let base = bucket as usize * self.k;
+        if let Some(row) = self.weights.get(base..base + self.k) {
+            for (a, &v) in self.chr.iter_mut().zip(row) {
+                *a += i32::from(v);
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -629,7 +821,7 @@ impl EmbeddedClassifier {
             for &i in &order {
                 let y = ys[i];
                 feats.clear();
-                extract(&cfg, &examples[i].text, |b| feats.push(b));
+                extract(&cfg, &examples[i].text, Collect(&mut feats));
                 let n_char = feats.iter().filter(|&&b| b & CHAR_FLAG != 0).count();
                 let (x_word, x_char) = feature_values(&cfg, feats.len() - n_char, n_char);
                 probs.copy_from_slice(&bias);
@@ -687,12 +879,12 @@ impl EmbeddedClassifier {
             .iter()
             .map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 })
             .collect();
-        let mut weights = Vec::with_capacity(w.len());
-        for row in w.chunks_exact(k) {
-            for (&v, &s) in row.iter().zip(&scales) {
-                weights.push((v / s).round().clamp(-127.0, 127.0) as i8);
-            }
-        }
+        let weights = Weights::from_rows(
+            k,
+            w.iter()
+                .enumerate()
+                .map(|(i, &v)| (v / scales[i % k]).round().clamp(-127.0, 127.0) as i8),
+        );
         Self {
             labels,
             features,
@@ -746,27 +938,39 @@ impl EmbeddedClassifier {
 
     /// Labels a prompt; only the returned score vector is allocated.
     pub fn classify(&self, text: &str) -> Prediction {
-        let k = self.labels.len();
         // Word and character features are summed apart because they carry different values.
-        let mut acc = [[0i32; MAX_LABELS]; 2];
-        let mut counts = [0usize; 2];
-        let weights = &self.weights;
-        extract(&self.features, text, |b| {
-            let group = (b >> 31) as usize;
-            counts[group] += 1;
-            let base = (b & !CHAR_FLAG) as usize * k;
-            if let Some(row) = weights.get(base..base + k) {
-                for (a, &v) in acc[group].iter_mut().zip(row) {
-                    *a += i32::from(v);
-                }
+        match &self.weights {
+            Weights::Narrow(rows) => {
+                let mut a = extract(&self.features, text, Narrow::new(rows));
+                a.flush();
+                self.finish(&a.word, &a.chr, a.n_word, a.n_char)
             }
-        });
-        let (x_word, x_char) = feature_values(&self.features, counts[0], counts[1]);
+            Weights::Wide(weights) => {
+                let a = extract(
+                    &self.features,
+                    text,
+                    Wide {
+                        weights,
+                        k: self.labels.len(),
+                        word: [0; MAX_LABELS],
+                        chr: [0; MAX_LABELS],
+                        n_word: 0,
+                        n_char: 0,
+                    },
+                );
+                self.finish(&a.word, &a.chr, a.n_word, a.n_char)
+            }
+        }
+    }
+
+    /// Turns summed quantized weights into softmax scores.
+    fn finish(&self, word: &[i32], chr: &[i32], n_word: usize, n_char: usize) -> Prediction {
+        let (x_word, x_char) = feature_values(&self.features, n_word, n_char);
         let mut scores: Vec<f32> = self
             .bias
             .iter()
             .zip(&self.scales)
-            .zip(acc[0].iter().zip(&acc[1]))
+            .zip(word.iter().zip(chr))
             .map(|((&b, &s), (&aw, &ac))| b + s * (aw as f32 * x_word + ac as f32 * x_char))
             .collect();
         softmax_in_place(&mut scores);
@@ -789,7 +993,7 @@ impl EmbeddedClassifier {
     /// Encodes the model: header, labels, feature parameters, i8 weights, checksum.
     pub fn to_bytes(&self) -> Vec<u8> {
         let k = self.labels.len();
-        let mut out = Vec::with_capacity(64 + self.weights.len() + k * 64);
+        let mut out = Vec::with_capacity(64 + self.weights.len(k) + k * 64);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         let f = &self.features;
@@ -809,8 +1013,8 @@ impl EmbeddedClassifier {
         for v in self.bias.iter().chain(&self.scales) {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        out.extend_from_slice(&(self.weights.len() as u64).to_le_bytes());
-        out.extend(self.weights.iter().map(|&v| v as u8));
+        out.extend_from_slice(&(self.weights.len(k) as u64).to_le_bytes());
+        self.weights.write(k, &mut out);
         let sum = checksum(&out);
         out.extend_from_slice(&sum.to_le_bytes());
         out
@@ -887,7 +1091,7 @@ impl EmbeddedClassifier {
         if n != expected {
             return Err(bad("weight count does not match header"));
         }
-        let weights: Vec<i8> = r.take(n as usize)?.iter().map(|&b| b as i8).collect();
+        let weights = Weights::from_rows(k, r.take(n as usize)?.iter().map(|&b| b as i8));
         if r.pos != body.len() {
             return Err(bad("trailing bytes"));
         }
@@ -958,4 +1162,15 @@ impl<'a> Reader<'a> {
     fn f32(&mut self) -> Result<f32, ClassifierError> {
         Ok(f32::from_le_bytes(self.array()?))
     }
+}
+
+#[doc(hidden)]
+pub fn tmp_count(cfg: &FeatureConfig, text: &str) -> usize {
+    struct C(usize, u32);
+    impl Sink for C {
+        fn word(&mut self, b: u32) { self.0 += 1; self.1 ^= b; }
+        fn char(&mut self, b: u32) { self.0 += 1; self.1 ^= b; }
+    }
+    let c = extract(cfg, text, C(0, 0));
+    c.0 + c.1 as usize
 }

@@ -166,12 +166,17 @@ pub struct RouterConfig {
     pub labels: Vec<String>,
     pub keywords: Vec<(String, Vec<regex::Regex>)>,
     pub cache: Option<RawCacheOverride>,
+    pub vote: Option<Arc<crate::vote::CompiledVote>>,
+    pub cascade: Option<Arc<crate::vote::CompiledCascade>>,
+    pub guard: Option<crate::guard::GuardConfig>,
 }
 
 #[derive(Debug, Clone)]
 pub struct RuleConfig {
     pub when: Condition,
     pub tier: String,
+    pub vote: Option<Arc<crate::vote::CompiledVote>>,
+    pub cascade: Option<Arc<crate::vote::CompiledCascade>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -229,6 +234,7 @@ pub struct KeyConfig {
     pub team: Option<String>,
     pub allow: Vec<String>,
     pub limits: LimitsConfig,
+    pub guard: Option<crate::guard::GuardConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,7 +411,8 @@ pub fn validate(
     }
     let store = match raw.store.kind.as_deref() {
         None | Some("sqlite") => StoreConfig::Sqlite {
-            state_dir: base_dir.join(raw.store.state_dir.as_deref().unwrap_or("../state")),
+            // Relative to the working directory, like any server's data dir.
+            state_dir: PathBuf::from(raw.store.state_dir.as_deref().unwrap_or("state")),
         },
         Some("memory") => StoreConfig::Memory,
         Some(other) => {
@@ -742,6 +749,8 @@ fn validate_routers(
             rules.push(RuleConfig {
                 when,
                 tier: rule.tier.clone(),
+                vote: compile_vote(v, &rpath, rule.vote.as_ref(), models),
+                cascade: compile_cascade(v, &rpath, rule.cascade.as_ref(), tiers),
             });
         }
         out.insert(
@@ -756,10 +765,65 @@ fn validate_routers(
                 labels,
                 keywords,
                 cache: r.cache.clone(),
+                vote: compile_vote(v, &path, r.vote.as_ref(), models),
+                cascade: compile_cascade(v, &path, r.cascade.as_ref(), tiers),
+                guard: r.guard.as_ref().map(|g| {
+                    v.errors.extend(g.validate(&format!("{path}.guard")));
+                    g.clone()
+                }),
             }),
         );
     }
     out
+}
+
+fn compile_vote(
+    v: &mut V,
+    path: &str,
+    vote: Option<&crate::vote::VoteConfig>,
+    models: &BTreeMap<String, Arc<ModelConfig>>,
+) -> Option<Arc<crate::vote::CompiledVote>> {
+    let vote = vote?;
+    let vpath = format!("{path}.vote");
+    for (i, m) in vote.models.iter().enumerate() {
+        if !models.contains_key(m) {
+            v.err(format!("{vpath}.models[{i}]"), format!("unknown model {m:?}"));
+        }
+    }
+    if let Some(j) = &vote.judge {
+        if !models.contains_key(j) {
+            v.err(format!("{vpath}.judge"), format!("unknown model {j:?}"));
+        }
+    }
+    match vote.compile(&vpath) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(errs) => {
+            v.errors.extend(errs);
+            None
+        }
+    }
+}
+
+fn compile_cascade(
+    v: &mut V,
+    path: &str,
+    cascade: Option<&crate::vote::CascadeConfig>,
+    tiers: &BTreeMap<String, Arc<TierConfig>>,
+) -> Option<Arc<crate::vote::CompiledCascade>> {
+    let c = cascade?;
+    let cpath = format!("{path}.cascade");
+    for (i, t) in c.tiers.iter().enumerate() {
+        if !tiers.contains_key(t) {
+            v.err(format!("{cpath}.tiers[{i}]"), format!("unknown tier {t:?}"));
+        }
+    }
+    match c.compile(&cpath) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(errs) => {
+            v.errors.extend(errs);
+            None
+        }
+    }
 }
 
 fn validate_when(
@@ -908,12 +972,16 @@ fn validate_keys(
             if let Some(other) = seen_hashes.insert(sha, name.clone()) {
                 v.err(&path, format!("same secret as keys.{other}"));
             }
+            if let Some(g) = &k.guard {
+                v.errors.extend(g.validate(&format!("{path}.guard")));
+            }
             out.push(KeyConfig {
                 name: name.clone(),
                 sha256: sha,
                 team: k.team.clone(),
                 allow: k.allow.clone(),
                 limits,
+                guard: k.guard.clone(),
             });
         }
     }

@@ -169,6 +169,9 @@ pub struct RawRouter {
     #[serde(default)]
     pub keywords: BTreeMap<String, Vec<String>>,
     pub cache: Option<RawCacheOverride>,
+    pub vote: Option<crate::vote::VoteConfig>,
+    pub cascade: Option<crate::vote::CascadeConfig>,
+    pub guard: Option<crate::guard::GuardConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,6 +179,8 @@ pub struct RawRouter {
 pub struct RawRule {
     pub when: Option<RawWhen>,
     pub tier: String,
+    pub vote: Option<crate::vote::VoteConfig>,
+    pub cascade: Option<crate::vote::CascadeConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +248,7 @@ pub struct RawKey {
     pub budget: Option<f64>,
     /// `daily`, `weekly`, `monthly` or `total` (default).
     pub period: Option<String>,
+    pub guard: Option<crate::guard::GuardConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -553,6 +553,11 @@ impl Limiter {
         for (i, s) in subjects.iter().enumerate() {
             let Some(s) = s else { continue };
             if let Err((limit, used)) = s.acquire_permit() {
+                drop(t);
+                let rate = RateInfo {
+                    requests,
+                    tokens: peek_tokens(&subjects),
+                };
                 // Parallel slots free up as requests finish; suggest a short back-off.
                 return Err(refusal(
                     RefusalKind::Parallel,
@@ -571,6 +576,11 @@ impl Limiter {
         for (i, s) in subjects.iter().enumerate() {
             let Some(s) = s else { continue };
             if let Err((budget, used)) = s.reserve(req.reserve_nanos, now_s) {
+                drop(t);
+                let rate = RateInfo {
+                    requests,
+                    tokens: peek_tokens(&subjects),
+                };
                 let mut r = refusal(
                     RefusalKind::Budget,
                     s,
@@ -603,7 +613,7 @@ impl Limiter {
         })
     }
 
-    /// Status of every team (for admin views).
+    /// Limits and usage of one team (for admin views).
     pub fn team_status(&self, team: &str) -> Option<SubjectStatus> {
         let t = self.inner.table.read().teams.get(team).cloned()?;
         Some(t.status())
@@ -703,6 +713,33 @@ fn build_table(
     old: &Table,
     shared: &Arc<Shared>,
 ) -> Result<(Table, PeriodChanges), LimitConfigError> {
+    // Validate everything first: building mutates the surviving subjects' shared state.
+    let all = specs
+        .teams
+        .iter()
+        .map(|(n, s)| (SubjectKind::Team, n, s))
+        .chain(
+            specs
+                .keys
+                .iter()
+                .map(|(n, k)| (SubjectKind::Key, n, &k.limits)),
+        );
+    for (kind, name, spec) in all {
+        let field = match spec {
+            LimitSpec { rpm: Some(0), .. } => "rpm",
+            LimitSpec { tpm: Some(0), .. } => "tpm",
+            LimitSpec {
+                max_parallel: Some(0),
+                ..
+            } => "max_parallel",
+            _ => continue,
+        };
+        return Err(LimitConfigError::Zero {
+            kind,
+            name: name.clone(),
+            field,
+        });
+    }
     let mut changed = Vec::new();
     let mut teams: HashMap<String, Arc<Subject>> = HashMap::new();
     let unlimited = LimitSpec::default();

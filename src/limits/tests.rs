@@ -331,7 +331,7 @@ fn team_limits_apply_on_top_of_key_limits() {
         (r.subject_kind, r.subject.as_str()),
         (SubjectKind::Team, "t")
     );
-    // The team (3 left... none) binds tighter than the key in the headers.
+    // The exhausted team window is the one reported in the headers.
     assert_eq!(r.rate.requests.map(|w| w.limit), Some(3));
     assert_eq!(team_spent(&l, "a"), (30, 0));
     assert_eq!(spent(&l, "a"), (20, 0));

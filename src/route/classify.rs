@@ -48,6 +48,7 @@ pub fn classify_rules(router: &RouterConfig, text: &str) -> Classification {
                 label: label.clone(),
                 confidence: 1.0,
                 failed: false,
+                bill: None,
             };
         }
     }
@@ -55,6 +56,7 @@ pub fn classify_rules(router: &RouterConfig, text: &str) -> Classification {
         label: UNKNOWN_LABEL.to_string(),
         confidence: 0.0,
         failed: false,
+        bill: None,
     }
 }
 

@@ -90,6 +90,8 @@ pub struct Classification {
     pub confidence: f32,
     /// Set when the classifier could not answer (timeout, error, bad output).
     pub failed: bool,
+    /// An LLM classifier's own call, billed to the request.
+    pub bill: Option<(Arc<ModelConfig>, crate::usage::Usage)>,
 }
 
 /// What a rule can look at besides the classification.
@@ -204,6 +206,15 @@ impl Health {
                 Admit::Probe
             }
         }
+    }
+
+    /// True while `model` is in cooldown (does not take a probe slot).
+    pub fn admit_peek_cooling(&self, model: &str) -> bool {
+        let states = self.states.lock();
+        states
+            .get(model)
+            .and_then(|s| s.cooldown_until)
+            .is_some_and(|t| Instant::now() < t)
     }
 
     pub fn is_healthy(&self, model: &str) -> bool {

@@ -27,6 +27,8 @@
 //!    11. when the response ends (or the client leaves): settle spend and
 //!        tokens, record metrics, fill the cache if the answer was complete.
 
+pub mod chat;
+pub mod dispatch;
 pub mod error;
 pub mod handlers;
 pub mod request;
@@ -56,6 +58,8 @@ pub struct RequestId(pub Arc<str>);
 #[derive(Clone, Debug, Default)]
 pub struct LogFacts {
     pub key: Option<String>,
+    pub router: Option<String>,
+    pub upstream_wait: std::time::Duration,
     pub route: Option<String>,
     pub cache: Option<&'static str>,
 }
@@ -63,7 +67,7 @@ pub struct LogFacts {
 /// Builds the whole application: the numbered stack above.
 pub fn app(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
-        .route("/chat/completions", post(handlers::chat_completions))
+        .route("/chat/completions", post(chat::chat_completions))
         .route("/completions", post(handlers::completions))
         .route("/embeddings", post(handlers::embeddings))
         .route("/models", get(handlers::list_models))

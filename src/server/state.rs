@@ -1,10 +1,16 @@
 //! Gateway state. `Runtime` is everything derived from the config file and is
 //! swapped atomically on reload; the rest (deployment health, limits, spend,
-//! cache, metrics) outlives reloads.
+//! cache, sessions, metrics) outlives reloads.
 
 use crate::auth::KeyTable;
-use crate::config::Config;
+use crate::cache::ResponseCache;
+use crate::classify::embedded::EmbeddedClassifier;
+use crate::config::{BudgetPeriodKind, ClassifierKind, Config, StoreConfig};
+use crate::guard::{Guard, MemoryStore, SessionStore};
+use crate::limits::{KeySpec, LimitSpec, LimitSpecs, Limiter, Period};
+use crate::metrics::{KnownNames, Metrics};
 use crate::route::Health;
+use crate::store::{SpendLedger, SqliteLedger};
 use crate::upstream::Provider;
 use crate::StartupError;
 use arc_swap::ArcSwap;
@@ -16,19 +22,38 @@ pub struct Runtime {
     pub config: Arc<Config>,
     pub providers: HashMap<String, Arc<Provider>>,
     pub keys: KeyTable,
+    /// Embedded classifiers by name; `""` is the shipped default.
+    pub classifiers: HashMap<String, Arc<EmbeddedClassifier>>,
+    /// Agent guards by scope: `router:NAME` and `key:NAME`.
+    pub guards: HashMap<String, Arc<Guard>>,
 }
 
 impl Runtime {
-    pub fn build(config: Config) -> Result<Runtime, StartupError> {
+    pub fn build(config: Config, sessions: &Arc<MemoryStore>) -> Result<Runtime, StartupError> {
         let mut providers = HashMap::new();
         for (name, p) in &config.providers {
             let provider = Provider::new(p.clone()).map_err(|e| StartupError::Provider(name.clone(), e.to_string()))?;
             providers.insert(name.clone(), Arc::new(provider));
         }
+        let classifiers = load_classifiers(&config)?;
+        let store: Arc<dyn SessionStore> = sessions.clone();
+        let mut guards = HashMap::new();
+        for (name, r) in &config.routers {
+            if let Some(g) = &r.guard {
+                guards.insert(format!("router:{name}"), Arc::new(Guard::new(g.clone(), store.clone())));
+            }
+        }
+        for k in &config.keys {
+            if let Some(g) = &k.guard {
+                guards.insert(format!("key:{}", k.name), Arc::new(Guard::new(g.clone(), store.clone())));
+            }
+        }
         Ok(Runtime {
             keys: KeyTable::new(&config.keys),
             config: Arc::new(config),
             providers,
+            classifiers,
+            guards,
         })
     }
 
@@ -37,18 +62,191 @@ impl Runtime {
     }
 }
 
+fn load_classifiers(config: &Config) -> Result<HashMap<String, Arc<EmbeddedClassifier>>, StartupError> {
+    use crate::classify::embedded::{Example, TrainOptions};
+    let mut out = HashMap::new();
+    let needs_default = config
+        .routers
+        .values()
+        .any(|r| matches!(r.classifier, ClassifierKind::Embedded(None)));
+    if needs_default {
+        let c = EmbeddedClassifier::default_model()
+            .map_err(|e| StartupError::Other(format!("loading the shipped classifier: {e}")))?;
+        out.insert(String::new(), Arc::new(c));
+    }
+    for (name, c) in &config.classifiers {
+        let path = format!("classifiers.{name}");
+        let model = if let Some(f) = &c.model_file {
+            EmbeddedClassifier::load(&config.base_dir.join(f)).map_err(|e| StartupError::Other(format!("{path}.model_file: {e}")))?
+        } else {
+            let examples: Vec<Example> = c
+                .examples
+                .iter()
+                .flat_map(|(label, texts)| {
+                    texts.iter().map(move |t| Example {
+                        text: t.clone(),
+                        label: label.clone(),
+                        source: None,
+                    })
+                })
+                .collect();
+            EmbeddedClassifier::train(&examples, &TrainOptions::default())
+                .map_err(|e| StartupError::Other(format!("{path}.examples: {e}")))?
+        };
+        // Rules may only name labels this classifier can produce.
+        for (rname, r) in &config.routers {
+            if r.classifier != ClassifierKind::Embedded(Some(name.clone())) {
+                continue;
+            }
+            for (i, rule) in r.rules.iter().enumerate() {
+                for l in rule.when.labels.iter().flatten() {
+                    if l != crate::config::UNKNOWN_LABEL && model.label_index(l).is_none() {
+                        return Err(StartupError::Other(format!(
+                            "routers.{rname}.rules[{i}].when.label: unknown label {l:?} (known: {})",
+                            model.labels().join(", ")
+                        )));
+                    }
+                }
+            }
+        }
+        out.insert(name.clone(), Arc::new(model));
+    }
+    Ok(out)
+}
+
+/// Limits per key and team, from the config.
+pub fn limit_specs(config: &Config) -> LimitSpecs {
+    fn spec(l: &crate::config::LimitsConfig) -> LimitSpec {
+        LimitSpec {
+            rpm: l.rpm,
+            tpm: l.tpm,
+            max_parallel: l.max_parallel,
+            budget_nanos: l.budget_nanos,
+            period: match l.period {
+                Some(BudgetPeriodKind::Daily) => Period::Daily,
+                Some(BudgetPeriodKind::Weekly) => Period::Weekly,
+                Some(BudgetPeriodKind::Monthly) => Period::Monthly,
+                Some(BudgetPeriodKind::Total) | None => Period::Total,
+            },
+        }
+    }
+    LimitSpecs {
+        keys: config
+            .keys
+            .iter()
+            .map(|k| {
+                (
+                    k.name.clone(),
+                    KeySpec {
+                        team: k.team.clone(),
+                        limits: spec(&k.limits),
+                    },
+                )
+            })
+            .collect(),
+        teams: config.teams.iter().map(|(n, l)| (n.clone(), spec(l))).collect(),
+    }
+}
+
+/// Names metrics may use as label values.
+pub fn known_names(config: &Config) -> KnownNames {
+    let mut labels: Vec<String> = crate::config::DEFAULT_LABELS.iter().map(|s| s.to_string()).collect();
+    for r in config.routers.values() {
+        labels.extend(r.labels.iter().cloned());
+        labels.extend(r.keywords.iter().map(|(l, _)| l.clone()));
+    }
+    labels.sort();
+    labels.dedup();
+    KnownNames {
+        keys: config.keys.iter().map(|k| k.name.clone()).collect(),
+        models: config.models.keys().cloned().collect(),
+        routers: config.routers.keys().cloned().collect(),
+        tiers: config.tiers.keys().cloned().collect(),
+        labels,
+    }
+}
+
+/// A small cache of classifier verdicts by prompt hash.
+pub type VerdictCache = moka::sync::Cache<[u8; 32], crate::route::Classification>;
+
 pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     pub health: Health,
     pub ready: AtomicBool,
+    pub metrics: Arc<Metrics>,
+    pub limiter: Limiter,
+    pub ledger: Option<Arc<SqliteLedger>>,
+    pub cache: ArcSwap<Option<ResponseCache>>,
+    pub sessions: Arc<MemoryStore>,
+    pub verdicts: VerdictCache,
 }
 
 impl AppState {
-    pub fn new(runtime: Runtime) -> Self {
-        AppState {
+    pub fn new(config: Config) -> Result<AppState, StartupError> {
+        let sessions = Arc::new(MemoryStore::default());
+        let metrics = Metrics::with_known(&known_names(&config)).map_err(|e| StartupError::Other(e.to_string()))?;
+        for m in config.models.keys() {
+            metrics.set_deployment_healthy(m, true);
+        }
+        let ledger = match &config.store {
+            StoreConfig::Sqlite { state_dir } => Some(Arc::new(
+                SqliteLedger::open(state_dir).map_err(|e| StartupError::Other(format!("store.state_dir: {e}")))?,
+            )),
+            StoreConfig::Memory => None,
+        };
+        let dyn_ledger: Option<Arc<dyn SpendLedger>> = ledger.clone().map(|l| l as Arc<dyn SpendLedger>);
+        let limiter = Limiter::new(&limit_specs(&config), crate::limits::Clock::system(), dyn_ledger)
+            .map_err(|e| StartupError::Other(format!("keys: {e}")))?;
+        limiter
+            .load_spend_from_ledger()
+            .map_err(|e| StartupError::Other(format!("loading spend from the ledger: {e}")))?;
+        let cache = build_cache(&config);
+        let runtime = Runtime::build(config, &sessions)?;
+        Ok(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             health: Health::default(),
             ready: AtomicBool::new(false),
+            metrics: Arc::new(metrics),
+            limiter,
+            ledger,
+            cache: ArcSwap::from_pointee(cache),
+            sessions,
+            verdicts: moka::sync::Cache::builder().max_capacity(10_000).build(),
+        })
+    }
+
+    /// Swaps in a new config; limits, spend, health, sessions and the cache
+    /// contents survive. An invalid config changes nothing.
+    pub fn reload(&self, config: Config) -> Result<(), StartupError> {
+        let runtime = Runtime::build(config, &self.sessions)?;
+        self.limiter
+            .reconfigure(&limit_specs(&runtime.config))
+            .map_err(|e| StartupError::Other(format!("keys: {e}")))?;
+        self.metrics.set_known(&known_names(&runtime.config));
+        let old = self.runtime.load();
+        let cache_changed = {
+            let (a, b) = (&old.config.cache, &runtime.config.cache);
+            a.enabled != b.enabled || a.max_bytes != b.max_bytes || a.ttl != b.ttl
+        };
+        if cache_changed {
+            self.cache.store(Arc::new(build_cache(&runtime.config)));
+        }
+        self.runtime.store(Arc::new(runtime));
+        Ok(())
+    }
+
+    /// Writes pending spend records (clean shutdown).
+    pub fn flush(&self) {
+        if let Some(l) = &self.ledger {
+            if let Err(e) = l.flush() {
+                tracing::error!(error = %e, "flushing the spend ledger failed");
+            }
         }
     }
+}
+
+fn build_cache(config: &Config) -> Option<ResponseCache> {
+    let c = &config.cache;
+    c.enabled
+        .then(|| ResponseCache::new(crate::cache::CacheConfig::new(c.max_bytes, c.ttl)))
 }

@@ -1,0 +1,1010 @@
+//! `POST /v1/chat/completions`: steps 5.1–5.11 of the request path in
+//! `server/mod.rs`, in that order.
+
+use super::dispatch::{dispatch, Dispatched};
+use super::error::ApiError;
+use super::handlers::{read_body, resolve, Caller, Target};
+use super::request::{self, ChatRequest};
+use super::state::{AppState, Runtime};
+use super::stream::{SseForwarder, StreamEnd};
+use super::{LogFacts, RequestId};
+use crate::cache::{self, Entry, FillGuard, Lookup};
+use crate::config::{CacheScope, ModelConfig, RouterConfig};
+use crate::guard::{CeilingHit, Guard, LoopAction, SessionKey, SessionStore};
+use crate::limits::{self, AdmitError, AdmitRequest, Admission, Settlement};
+use crate::metrics::{CacheOutcome, LimitKind, RequestRecord, UsageRecord};
+use crate::route::{self, Candidate, Classification, RouteDecision, RouteReason};
+use crate::upstream::sse::{frame, DONE_FRAME};
+use crate::usage::Usage;
+use crate::vote::{self, CallResult, CallSpec, CompiledCascade, CompiledVote};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use parking_lot::Mutex;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Largest non-streaming upstream answer we accept.
+pub const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+
+pub async fn chat_completions(State(app): State<Arc<AppState>>, Extension(caller): Extension<Caller>, req: Request) -> Response {
+    let mut facts = LogFacts {
+        key: caller.name().map(str::to_string),
+        ..LogFacts::default()
+    };
+    let rid = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(|| Arc::from("-"));
+    let _inflight = app.metrics.inflight();
+    let started = Instant::now();
+    let mut resp = match chat(&app, &caller, req, &rid, &mut facts).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Requests refused before anything was metered still count.
+            app.metrics.record_request(&RequestRecord {
+                router: facts.router.as_deref().unwrap_or(""),
+                label: "",
+                tier: "",
+                model: "",
+                key: caller.name().unwrap_or(""),
+                status: e.status.as_u16(),
+                cache: CacheOutcome::None,
+                stream: false,
+                duration: started.elapsed(),
+                upstream_wait: facts.upstream_wait,
+                ttft: None,
+            });
+            e.into_response()
+        }
+    };
+    resp.extensions_mut().insert(facts);
+    resp
+}
+
+/// Everything `settle` needs once the response is over.
+struct Meter {
+    app: Arc<AppState>,
+    key: Option<String>,
+    router: String,
+    label: String,
+    tier: String,
+    model: String,
+    admission: Option<Admission>,
+    sessions: Vec<(Arc<Guard>, SessionKey)>,
+    started: Instant,
+    upstream_wait: Duration,
+    stream: bool,
+    cache: CacheOutcome,
+    request_id: Arc<str>,
+}
+
+/// Spend and tokens of one finished request, per model actually billed.
+#[derive(Default)]
+struct Bill {
+    /// (model, usage, cost) per upstream call that produced tokens.
+    lines: Vec<(Arc<ModelConfig>, Usage, u64)>,
+}
+
+impl Bill {
+    fn add(&mut self, model: &Arc<ModelConfig>, usage: Usage) {
+        let cost = cost_of(model, &usage);
+        self.lines.push((model.clone(), usage, cost));
+    }
+    fn usage(&self) -> Usage {
+        let mut u = Usage::default();
+        for (_, l, _) in &self.lines {
+            u.add(l);
+        }
+        u
+    }
+    fn cost(&self) -> u64 {
+        self.lines.iter().map(|(_, _, c)| *c).sum()
+    }
+}
+
+pub fn price_of(m: &ModelConfig) -> limits::Price {
+    limits::Price {
+        input_per_mtok: m.price.input,
+        cached_input_per_mtok: m.price.cached_input,
+        output_per_mtok: m.price.output,
+    }
+}
+
+pub fn cost_of(m: &ModelConfig, u: &Usage) -> u64 {
+    limits::cost_nanos(u.prompt_tokens, u.cached_tokens, u.completion_tokens, &price_of(m))
+}
+
+impl Meter {
+    /// Step 11: settle spend and tokens, record metrics, update the session.
+    fn finish(mut self, status: u16, bill: &Bill, first_byte: Option<Duration>) {
+        let usage = bill.usage();
+        let cost = bill.cost();
+        let model = if self.model.is_empty() { "" } else { self.model.as_str() };
+        if let Some(adm) = self.admission.take() {
+            let out = adm.settle(&Settlement {
+                model,
+                request_id: &self.request_id,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                cached_tokens: usage.cached_tokens,
+                cost_nanos: cost,
+                estimated: usage.estimated,
+            });
+            if out.overrun_nanos > 0 {
+                tracing::warn!(request_id = %self.request_id, overrun_nanos = out.overrun_nanos, "request cost more than its reservation");
+            }
+        }
+        let m = &self.app.metrics;
+        let key = self.key.as_deref().unwrap_or("");
+        m.record_request(&RequestRecord {
+            router: &self.router,
+            label: &self.label,
+            tier: &self.tier,
+            model,
+            key,
+            status,
+            cache: self.cache,
+            stream: self.stream,
+            duration: self.started.elapsed(),
+            upstream_wait: self.upstream_wait,
+            ttft: if self.stream { first_byte } else { None },
+        });
+        for (model, u, c) in &bill.lines {
+            m.record_usage(&UsageRecord {
+                key,
+                model: &model.name,
+                tier: &self.tier,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                cached_tokens: u.cached_tokens,
+                cost_nanos: *c,
+            });
+        }
+        if let Some(k) = &self.key {
+            if let Some(st) = self.app.limiter.status(k) {
+                m.set_period_spend(k, st.key.spent_nanos);
+                if let Some(rem) = st.key.remaining_nanos {
+                    m.set_budget_remaining(k, i64::try_from(rem).unwrap_or(i64::MAX));
+                }
+            }
+        }
+        if !self.sessions.is_empty() {
+            let sessions = std::mem::take(&mut self.sessions);
+            let tokens = usage.total();
+            tokio::spawn(async move {
+                for (g, sk) in sessions {
+                    g.record(Some(&sk), tokens, cost, SystemTime::now()).await;
+                }
+                // A settled session may have crossed a ceiling: nothing more to do
+                // here; the next request is refused by `check`.
+            });
+        }
+    }
+}
+
+/// What routing produced for this request.
+struct Plan {
+    decision: RouteDecision,
+    candidates: Vec<Candidate>,
+    vote: Option<Arc<CompiledVote>>,
+    cascade: Option<Arc<CompiledCascade>>,
+    router: Option<Arc<RouterConfig>>,
+    classification_bill: Option<(Arc<ModelConfig>, Usage)>,
+}
+
+async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>, facts: &mut LogFacts) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    // 1–2. Body and parse.
+    let (headers, bytes, _) = read_body(app, req).await?;
+    let chat = request::parse_chat(&bytes)?;
+    // 3. Target.
+    let rt = app.runtime.load_full();
+    let target = resolve(&rt, caller, &chat.model)?;
+    if let Target::Router(r) = &target {
+        facts.router = Some(r.name.clone());
+    }
+    let mut extra_headers: Vec<(HeaderName, String)> = Vec::new();
+
+    // 4. Agent guards.
+    let guards = check_guards(app, &rt, caller, &target, &headers, &chat, &mut extra_headers).await?;
+
+    // 6. Classify and route (before limits: the reservation needs the tier's prices).
+    let plan = plan_route(app, &rt, caller, &target, &headers, &chat, guards.escalate).await;
+    facts.route = Some(plan.decision.header_value());
+
+    // 7. Cache lookup.
+    let cache_cfg = &rt.config.cache;
+    let cache = app.cache.load_full();
+    let cache_ttl = cache_ttl(&rt, &target, &headers);
+    let cacheable = cache.is_some()
+        && cache_enabled_for(&rt, &target, &plan)
+        && !matches!(cache_ttl, Some(d) if d.is_zero());
+    let mut fill: Option<FillGuard> = None;
+    let mut cache_outcome = CacheOutcome::None;
+    if let (Some(c), true) = (cache.as_ref().as_ref(), cacheable) {
+        let cc = headers.get(header::CACHE_CONTROL).and_then(|v| v.to_str().ok());
+        let mode = cache::cache_mode(&chat.body, cc, cache_cfg.cache_sampled, cache_ttl);
+        let scope = match (cache_cfg.scope, caller.name()) {
+            (CacheScope::PerKey, Some(k)) => k,
+            _ => "shared",
+        };
+        let key = cache::cache_key(scope, &chat.model, &chat.body);
+        match c.lookup(key, mode).await {
+            Lookup::Hit(entry) => {
+                app.metrics.record_cache_lookup("response", true);
+                return serve_hit(app, caller, &chat, entry, plan, guards.sessions, started, rid, extra_headers, facts);
+            }
+            Lookup::Miss(g) => {
+                app.metrics.record_cache_lookup("response", false);
+                cache_outcome = CacheOutcome::Miss;
+                fill = Some(g);
+            }
+            Lookup::Bypass => cache_outcome = CacheOutcome::Bypass,
+        }
+        facts.cache = Some(match cache_outcome {
+            CacheOutcome::Miss => "miss",
+            _ => "bypass",
+        });
+    }
+
+    // 5 + 8. Rate limits and the worst-case spend reservation, in one admission.
+    let reserve = reservation(&rt, &chat, &plan);
+    let admission = admit(app, caller, chat.features.prompt_tokens, reserve)?;
+    if let Some(a) = &admission {
+        for (h, v) in a.rate_headers() {
+            extra_headers.push((HeaderName::from_static(h), v));
+        }
+    }
+
+    let mut meter = Meter {
+        app: app.clone(),
+        key: caller.name().map(str::to_string),
+        router: plan.router.as_ref().map(|r| r.name.clone()).unwrap_or_default(),
+        label: plan.decision.label.clone().unwrap_or_default(),
+        tier: plan.decision.tier.clone().unwrap_or_default(),
+        model: String::new(),
+        admission,
+        sessions: guards.sessions,
+        started,
+        upstream_wait: Duration::ZERO,
+        stream: chat.stream,
+        cache: cache_outcome,
+        request_id: rid.clone(),
+    };
+    let mut bill = Bill::default();
+    if let Some((m, u)) = &plan.classification_bill {
+        bill.add(m, *u);
+    }
+
+    // 9–10. Execute and respond.
+    if let Some(v) = plan.vote.clone() {
+        return run_vote(app, &rt, &chat, plan, v, meter, bill, extra_headers, fill, facts).await;
+    }
+    if let Some(c) = plan.cascade.clone() {
+        return run_cascade(app, &rt, &chat, plan, c, meter, bill, extra_headers, fill, facts).await;
+    }
+    let mut decision = plan.decision;
+    let dispatched = dispatch(app, &rt, &plan.candidates, "/chat/completions", |m| upstream_body(&chat, m), decision.tier.as_deref()).await;
+    let Dispatched {
+        candidate,
+        response,
+        fell_back_from,
+        upstream_wait,
+    } = match dispatched {
+        Ok(d) => d,
+        Err(e) => {
+            meter.finish(e.status.as_u16(), &bill, None);
+            return Err(e);
+        }
+    };
+    facts.upstream_wait = upstream_wait;
+    decision.model = candidate.model.name.clone();
+    if let Some(t) = &candidate.tier {
+        decision.tier = Some(t.name.clone());
+        meter.tier = t.name.clone();
+    }
+    decision.fell_back_from = fell_back_from;
+    meter.model = candidate.model.name.clone();
+    meter.upstream_wait = upstream_wait;
+    let route_header = decision.header_value();
+    tracing::debug!(request_id = %rid, route = %route_header, "routed");
+    facts.route = Some(route_header.clone());
+    extra_headers.push((HeaderName::from_static("x-triage-route"), route_header));
+    if cache_outcome != CacheOutcome::None {
+        extra_headers.push((HeaderName::from_static("x-triage-cache"), cache_label(cache_outcome).into()));
+    }
+
+    let model = candidate.model.clone();
+    let resp = if chat.stream {
+        let record = fill.is_some();
+        let cache_ttl_copy = cache_ttl;
+        let fill_cell = Mutex::new(fill);
+        let on_end = Box::new(move |end: StreamEnd| {
+            let mut bill = bill;
+            bill.add(&model, end.usage);
+            meter.finish(200, &bill, end.first_byte);
+            if let (Some(g), Some(chunks)) = (fill_cell.lock().take(), end.chunks) {
+                match Entry::from_chunk_bytes(chunks) {
+                    Ok(entry) => {
+                        tokio::spawn(async move {
+                            g.complete(entry, cache_ttl_copy).await;
+                        });
+                    }
+                    Err(e) => tracing::debug!(error = %e, "stream not cacheable"),
+                }
+            }
+        });
+        let fwd = SseForwarder::new(response.body, !chat.client_wants_usage, chat.features.prompt_tokens, record, started, on_end);
+        sse_response(Body::from_stream(fwd))
+    } else {
+        let body = match response.collect(MAX_UPSTREAM_BODY).await {
+            Ok(b) => b,
+            Err(e) => {
+                let err = ApiError::bad_gateway(format!("Provider for `{}` broke the response: {e}", model.name));
+                meter.finish(502, &bill, None);
+                return Err(err);
+            }
+        };
+        let Some(usage) = completion_usage(&body) else {
+            meter.finish(502, &bill, None);
+            return Err(ApiError::bad_gateway(format!("Provider for `{}` returned a body that is not a chat completion.", model.name)));
+        };
+        let usage = if usage == Usage::default() {
+            // The provider reported nothing: estimate, and say so in the ledger.
+            estimate_usage(&chat, &body)
+        } else {
+            usage
+        };
+        bill.add(&model, usage);
+        meter.finish(200, &bill, None);
+        if let Some(g) = fill {
+            let entry = Entry::from_parts(body.clone(), None, cache::Usage::from_json(&usage.to_json()));
+            g.complete(entry, cache_ttl).await;
+        }
+        json_response(body)
+    };
+    Ok(with_headers(resp, extra_headers))
+}
+
+fn cache_label(c: CacheOutcome) -> &'static str {
+    match c {
+        CacheOutcome::Hit => "hit",
+        CacheOutcome::Miss => "miss",
+        CacheOutcome::Bypass => "bypass",
+        CacheOutcome::None => "none",
+    }
+}
+
+fn estimate_usage(chat: &ChatRequest, body: &[u8]) -> Usage {
+    let completion = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| vote::completion_text(&v))
+        .map(|t| crate::usage::estimate_tokens(&t))
+        .unwrap_or(0);
+    Usage {
+        prompt_tokens: chat.features.prompt_tokens,
+        completion_tokens: completion,
+        cached_tokens: 0,
+        estimated: true,
+    }
+}
+
+pub fn json_response(body: Bytes) -> Response {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+pub fn sse_response(body: Body) -> Response {
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+fn with_headers(mut resp: Response, headers: Vec<(HeaderName, String)>) -> Response {
+    for (k, v) in headers {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            resp.headers_mut().append(k, v);
+        }
+    }
+    resp
+}
+
+/// Usage of a non-streamed chat completion; `None` if the body is not one.
+pub fn completion_usage(body: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[allow(dead_code)]
+        choices: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        usage: Option<Value>,
+    }
+    let p: Peek = serde_json::from_slice(body).ok()?;
+    Some(p.usage.as_ref().and_then(Usage::from_json).unwrap_or_default())
+}
+
+/// The body sent upstream: the client's fields, with the deployment's model
+/// name, and usage always requested on streams (we need it for accounting).
+pub fn upstream_body(chat: &ChatRequest, m: &ModelConfig) -> Bytes {
+    let mut body = chat.body.clone();
+    body.insert("model".into(), Value::String(m.upstream_model.clone()));
+    if chat.stream {
+        let opts = body.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(o) = opts {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// Result of the agent guards.
+struct GuardOutcome {
+    sessions: Vec<(Arc<Guard>, SessionKey)>,
+    escalate: bool,
+}
+
+/// Step 4: session ceilings and loop detection, per router and per key.
+async fn check_guards(
+    app: &AppState,
+    rt: &Runtime,
+    caller: &Caller,
+    target: &Target,
+    headers: &HeaderMap,
+    chat: &ChatRequest,
+    extra: &mut Vec<(HeaderName, String)>,
+) -> Result<GuardOutcome, ApiError> {
+    let mut out = GuardOutcome {
+        sessions: Vec::new(),
+        escalate: false,
+    };
+    if rt.guards.is_empty() {
+        return Ok(out);
+    }
+    let mut scopes: Vec<&Arc<Guard>> = Vec::new();
+    if let Target::Router(r) = target {
+        if let Some(g) = rt.guards.get(&format!("router:{}", r.name)) {
+            scopes.push(g);
+        }
+    }
+    if let Some(k) = caller.name() {
+        if let Some(g) = rt.guards.get(&format!("key:{k}")) {
+            scopes.push(g);
+        }
+    }
+    let body = Value::Object(chat.body.clone());
+    let scope_name = caller.name().unwrap_or("anonymous");
+    for g in scopes {
+        if let Some(finding) = g.detect_loop(&body) {
+            let action = finding.action;
+            app.metrics.record_loop_detected(action.as_str());
+            extra.push((HeaderName::from_static(crate::guard::LOOP_HEADER), finding.header_value()));
+            match action {
+                LoopAction::Block => {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_request_error",
+                        Some("loop_detected"),
+                        format!("The conversation repeats itself ({}); refusing to call the model again.", finding.header_value()),
+                    ))
+                }
+                LoopAction::Escalate => out.escalate = true,
+                LoopAction::Flag => {}
+            }
+        }
+        let hv = headers.get(g.config().session_header.as_str()).and_then(|v| v.to_str().ok());
+        let Some(sk) = g.session_key(scope_name, hv, Some(&body)) else {
+            continue;
+        };
+        match g.check(Some(&sk), SystemTime::now()).await {
+            Ok(Some(w)) => extra.push((HeaderName::from_static(crate::guard::WARNING_HEADER), w.header_value())),
+            Ok(None) => {}
+            Err(hit) => return Err(session_error(app, &hit)),
+        }
+        out.sessions.push((g.clone(), sk));
+    }
+    app.metrics.set_sessions_active(app.sessions.active_count());
+    Ok(out)
+}
+
+fn session_error(app: &AppState, hit: &CeilingHit) -> ApiError {
+    app.metrics.record_session_limit(hit.kind.as_str());
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "invalid_request_error",
+        Some("session_limit_exceeded"),
+        format!("Session ceiling reached: {} ({}).", hit.kind.as_str(), hit.header_value()),
+    )
+    .with_param(hit.kind.as_str());
+    if let Ok(v) = HeaderValue::from_str(&hit.header_value()) {
+        e = e.with_header(HeaderName::from_static("x-triage-session-limit"), v);
+    }
+    e
+}
+
+/// Step 6: classification and the rule table (routers), or the model itself.
+async fn plan_route(
+    app: &AppState,
+    rt: &Runtime,
+    caller: &Caller,
+    target: &Target,
+    headers: &HeaderMap,
+    chat: &ChatRequest,
+    escalate: bool,
+) -> Plan {
+    match target {
+        Target::Model(m) => Plan {
+            decision: RouteDecision::direct(&m.name),
+            candidates: route::direct_candidates(&rt.config, m),
+            vote: None,
+            cascade: None,
+            router: None,
+            classification_bill: None,
+        },
+        Target::Router(r) => {
+            let t0 = Instant::now();
+            let c: Classification = route::classify::classify(app, rt, r, chat).await;
+            let unknown = if c.failed {
+                Some(crate::metrics::UnknownReason::Failure)
+            } else if c.label != crate::config::UNKNOWN_LABEL && c.confidence < r.min_confidence {
+                Some(crate::metrics::UnknownReason::LowConfidence)
+            } else {
+                None
+            };
+            app.metrics.record_classification(&r.name, classifier_kind(r), &c.label, t0.elapsed(), unknown);
+            let input = route::RuleInput {
+                features: &chat.features,
+                key: caller.name(),
+                headers,
+            };
+            let (mut tier, mut reason) = route::choose_tier(r, &c, &input);
+            let (mut vote, mut cascade) = match reason {
+                RouteReason::Rule(i) => {
+                    let rule = &r.rules[i];
+                    (rule.vote.clone(), rule.cascade.clone())
+                }
+                _ => (None, None),
+            };
+            if vote.is_none() && cascade.is_none() {
+                vote = r.vote.clone();
+                cascade = r.cascade.clone();
+            }
+            if escalate && tier != r.unknown_tier {
+                // A looping agent gets the most capable tier for this turn.
+                tier = r.unknown_tier.clone();
+                reason = RouteReason::Unknown("loop_escalated");
+                cascade = None;
+            }
+            let candidates = route::tier_candidates(&rt.config, &tier, &app.health);
+            Plan {
+                decision: RouteDecision {
+                    router: Some(r.name.clone()),
+                    label: Some(c.label.clone()),
+                    confidence: Some(c.confidence),
+                    tier: Some(tier),
+                    model: String::new(),
+                    reason,
+                    fell_back_from: Vec::new(),
+                },
+                candidates,
+                vote,
+                cascade,
+                router: Some(r.clone()),
+                classification_bill: c.bill.clone(),
+            }
+        }
+    }
+}
+
+fn classifier_kind(r: &RouterConfig) -> &'static str {
+    match r.classifier {
+        crate::config::ClassifierKind::Embedded(_) => "embedded",
+        crate::config::ClassifierKind::Llm { .. } => "llm",
+        crate::config::ClassifierKind::Rules => "rules",
+    }
+}
+
+/// Step 8's worst case: every call this request may make, at the most
+/// expensive candidate's prices, with the full output cap.
+fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
+    let worst = |models: &mut dyn Iterator<Item = &Arc<ModelConfig>>| -> u64 {
+        models
+            .map(|m| {
+                let out = chat.max_tokens.unwrap_or(m.max_output_tokens).min(m.max_output_tokens.max(chat.max_tokens.unwrap_or(0)));
+                let u = Usage {
+                    prompt_tokens: chat.features.prompt_tokens,
+                    completion_tokens: out.saturating_mul(u64::from(chat.n)),
+                    cached_tokens: 0,
+                    estimated: true,
+                };
+                cost_of(m, &u)
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let single = worst(&mut plan.candidates.iter().map(|c| &c.model));
+    let mut total = if let Some(v) = &plan.vote {
+        let voters: Vec<&Arc<ModelConfig>> = v.cfg.models.iter().filter_map(|m| rt.config.models.get(m)).collect();
+        let per_call = if voters.is_empty() { single } else { worst(&mut voters.into_iter()) };
+        let mut t = per_call.saturating_mul(u64::from(v.cfg.n));
+        if let Some(j) = v.cfg.judge.as_ref().and_then(|j| rt.config.models.get(j)) {
+            // The judge reads every candidate: budget for n answers as its prompt.
+            let u = Usage {
+                prompt_tokens: chat.features.prompt_tokens + u64::from(v.cfg.n) * j.max_output_tokens,
+                completion_tokens: 64,
+                cached_tokens: 0,
+                estimated: true,
+            };
+            t = t.saturating_add(cost_of(j, &u));
+        }
+        if matches!(v.cfg.on_insufficient, vote::OnInsufficient::SingleCall) {
+            t = t.saturating_add(single);
+        }
+        t
+    } else if let Some(c) = &plan.cascade {
+        c.tiers
+            .iter()
+            .map(|t| worst(&mut route::tier_candidates(&rt.config, t, &route::Health::default()).iter().map(|c| &c.model)))
+            .sum()
+    } else {
+        single
+    };
+    if let Some((m, u)) = &plan.classification_bill {
+        total = total.saturating_add(cost_of(m, u));
+    }
+    total
+}
+
+/// Steps 5 and 8: one admission for rate limits and the spend reservation.
+fn admit(app: &AppState, caller: &Caller, est_tokens: u64, reserve: u64) -> Result<Option<Admission>, ApiError> {
+    let Some(key) = caller.name() else {
+        return Ok(None);
+    };
+    match app.limiter.admit(&AdmitRequest {
+        key,
+        est_tokens,
+        reserve_nanos: reserve,
+    }) {
+        Ok(a) => Ok(Some(a)),
+        Err(AdmitError::UnknownKey(_)) => Ok(None),
+        Err(AdmitError::Refused(r)) => {
+            let kind = match r.kind {
+                limits::RefusalKind::Rpm => LimitKind::Rpm,
+                limits::RefusalKind::Tpm => LimitKind::Tpm,
+                limits::RefusalKind::Parallel => LimitKind::Parallel,
+                limits::RefusalKind::Budget => LimitKind::Budget,
+            };
+            app.metrics.record_refusal(key, kind);
+            let (kind_str, code) = match r.kind {
+                limits::RefusalKind::Budget => ("insufficient_quota", "insufficient_quota"),
+                _ => ("requests", "rate_limit_exceeded"),
+            };
+            let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, if code == "insufficient_quota" { "insufficient_quota" } else { "rate_limit_error" }, Some(code), r.message());
+            e.param = None;
+            let _ = kind_str;
+            for (h, v) in r.rate_headers() {
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    e = e.with_header(HeaderName::from_static(h), v);
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn cache_enabled_for(rt: &Runtime, target: &Target, plan: &Plan) -> bool {
+    let global = rt.config.cache.enabled;
+    match target {
+        Target::Router(r) => {
+            let default = global && plan.vote.as_ref().is_none_or(|v| v.cfg.cache);
+            r.cache.as_ref().and_then(|c| c.enabled).unwrap_or(default)
+        }
+        Target::Model(m) => rt.config.cache.models.get(&m.name).and_then(|c| c.enabled).unwrap_or(global),
+    }
+}
+
+/// TTL for a stored answer: the request's `x-triage-cache-ttl`, else the
+/// router's or model's override, else the global default.
+fn cache_ttl(rt: &Runtime, target: &Target, headers: &HeaderMap) -> Option<Duration> {
+    if let Some(v) = headers.get("x-triage-cache-ttl").and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if let Ok(secs) = v.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        if let Ok(d) = humantime::parse_duration(v) {
+            return Some(d);
+        }
+    }
+    let over = match target {
+        Target::Router(r) => r.cache.as_ref().and_then(|c| c.ttl),
+        Target::Model(m) => rt.config.cache.models.get(&m.name).and_then(|c| c.ttl),
+    };
+    over.or(Some(rt.config.cache.ttl))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A cache hit: no upstream call and no charge, but limits still count it.
+#[allow(clippy::too_many_arguments)]
+fn serve_hit(
+    app: &Arc<AppState>,
+    caller: &Caller,
+    chat: &ChatRequest,
+    entry: Arc<Entry>,
+    plan: Plan,
+    sessions: Vec<(Arc<Guard>, SessionKey)>,
+    started: Instant,
+    rid: &Arc<str>,
+    mut extra: Vec<(HeaderName, String)>,
+    facts: &mut LogFacts,
+) -> Result<Response, ApiError> {
+    let admission = admit(app, caller, chat.features.prompt_tokens, 0)?;
+    if let Some(a) = &admission {
+        for (h, v) in a.rate_headers() {
+            extra.push((HeaderName::from_static(h), v));
+        }
+    }
+    facts.cache = Some("hit");
+    let mut decision = plan.decision;
+    if decision.model.is_empty() {
+        decision.model = "cache".into();
+    }
+    extra.push((HeaderName::from_static("x-triage-route"), decision.header_value()));
+    extra.push((HeaderName::from_static("x-triage-cache"), "hit".into()));
+    let id = format!("chatcmpl-{}", &rid.replace("req-", ""));
+    let meter = Meter {
+        app: app.clone(),
+        key: caller.name().map(str::to_string),
+        router: plan.router.as_ref().map(|r| r.name.clone()).unwrap_or_default(),
+        label: decision.label.clone().unwrap_or_default(),
+        tier: decision.tier.clone().unwrap_or_default(),
+        model: String::new(),
+        admission,
+        sessions,
+        started,
+        upstream_wait: Duration::ZERO,
+        stream: chat.stream,
+        cache: CacheOutcome::Hit,
+        request_id: rid.clone(),
+    };
+    let resp = if chat.stream {
+        let chunks = entry
+            .replay_chunks(&id, now_secs(), cache::DEFAULT_CHUNK_CHARS, chat.client_wants_usage)
+            .map_err(|e| ApiError::internal(format!("cached answer unreadable: {e}")))?;
+        let mut frames: Vec<Result<Bytes, std::convert::Infallible>> = chunks.iter().map(|c| Ok(frame(c))).collect();
+        frames.push(Ok(Bytes::from_static(DONE_FRAME)));
+        meter.finish(200, &Bill::default(), Some(started.elapsed()));
+        sse_response(Body::from_stream(futures::stream::iter(frames)))
+    } else {
+        let body = entry
+            .replay_completion(&id, now_secs())
+            .map_err(|e| ApiError::internal(format!("cached answer unreadable: {e}")))?;
+        meter.finish(200, &Bill::default(), None);
+        json_response(body)
+    };
+    Ok(with_headers(resp, extra))
+}
+
+/// One non-streamed upstream call for a vote, judge or cascade step.
+async fn call_once(
+    app: &AppState,
+    rt: &Runtime,
+    chat: &ChatRequest,
+    candidates: &[Candidate],
+    temperature: Option<f64>,
+    messages: Option<Vec<Value>>,
+    tier: Option<&str>,
+    served: &Mutex<Vec<(Arc<ModelConfig>, Usage)>>,
+) -> Result<CallResult, ApiError> {
+    let body_for = |m: &ModelConfig| {
+        let mut b = chat.body.clone();
+        b.insert("model".into(), Value::String(m.upstream_model.clone()));
+        b.remove("stream");
+        b.remove("stream_options");
+        if let Some(t) = temperature {
+            if let Some(n) = serde_json::Number::from_f64(t) {
+                b.insert("temperature".into(), Value::Number(n));
+            }
+        }
+        if let Some(ms) = &messages {
+            b.insert("messages".into(), Value::Array(ms.clone()));
+            for k in ["tools", "tool_choice", "response_format", "functions", "function_call", "n"] {
+                b.remove(k);
+            }
+        }
+        Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
+    };
+    let d = dispatch(app, rt, candidates, "/chat/completions", body_for, tier).await?;
+    let model = d.candidate.model.clone();
+    let body = d.response.collect(MAX_UPSTREAM_BODY).await.map_err(|e| ApiError::bad_gateway(e.to_string()))?;
+    let completion: Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad_gateway(format!("Provider for `{}` returned invalid JSON.", model.name)))?;
+    let usage = completion.get("usage").and_then(Usage::from_json).unwrap_or_default();
+    served.lock().push((model, usage));
+    Ok(CallResult {
+        completion,
+        usage: vote::Usage {
+            prompt: usage.prompt_tokens,
+            completion: usage.completion_tokens,
+            cached: usage.cached_tokens,
+        },
+    })
+}
+
+/// Turns a decided completion into the client's response (SSE replay when streaming).
+fn respond_with_completion(chat: &ChatRequest, completion: &Value, usage: Usage) -> Response {
+    let mut completion = completion.clone();
+    if let Value::Object(o) = &mut completion {
+        o.insert("usage".into(), usage.to_json());
+    }
+    if chat.stream {
+        let mut chunks = cache::completion_to_chunks(&completion, cache::DEFAULT_CHUNK_CHARS);
+        if !chat.client_wants_usage {
+            chunks.retain(|c| !(c.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty)));
+            for c in &mut chunks {
+                if let Value::Object(o) = c {
+                    o.remove("usage");
+                }
+            }
+        }
+        let mut frames: Vec<Result<Bytes, std::convert::Infallible>> = chunks.iter().map(|c| Ok(frame(c.to_string().as_bytes()))).collect();
+        frames.push(Ok(Bytes::from_static(DONE_FRAME)));
+        sse_response(Body::from_stream(futures::stream::iter(frames)))
+    } else {
+        json_response(Bytes::from(completion.to_string()))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_vote(
+    app: &Arc<AppState>,
+    rt: &Runtime,
+    chat: &ChatRequest,
+    plan: Plan,
+    v: Arc<CompiledVote>,
+    mut meter: Meter,
+    mut bill: Bill,
+    mut extra: Vec<(HeaderName, String)>,
+    fill: Option<FillGuard>,
+    facts: &mut LogFacts,
+) -> Result<Response, ApiError> {
+    let served: Mutex<Vec<(Arc<ModelConfig>, Usage)>> = Mutex::new(Vec::new());
+    let question = route::classify::input_text(crate::config::InputMode::LastUser, chat).into_owned();
+    let t0 = Instant::now();
+    let tier = plan.decision.tier.clone();
+    let outcome = vote::run_vote(&v, &question, |spec: CallSpec| {
+        let candidates: Vec<Candidate> = match spec.model.as_ref().and_then(|m| rt.config.models.get(m)) {
+            Some(m) => route::direct_candidates(&rt.config, m),
+            None => plan.candidates.clone(),
+        };
+        let served = &served;
+        let tier = tier.clone();
+        async move { call_once(app, rt, chat, &candidates, spec.temperature, spec.messages, tier.as_deref(), served).await }
+    })
+    .await;
+    let wait = t0.elapsed();
+    meter.upstream_wait = wait;
+    facts.upstream_wait = wait;
+    for (m, u) in served.lock().drain(..) {
+        bill.add(&m, u);
+    }
+    let router = plan.router.as_ref().map(|r| r.name.as_str()).unwrap_or("");
+    let mut decision = plan.decision;
+    match outcome {
+        Ok(o) => {
+            let of = o.of.max(1);
+            app.metrics.record_vote(router, o.strategy.as_str(), f64::from(o.agree) / f64::from(of), u64::from(o.cancelled));
+            extra.push((HeaderName::from_static("x-triage-vote"), o.header()));
+            let winner_model = o.calls.iter().find(|c| c.index == o.winner).and_then(|c| c.model.clone());
+            decision.model = winner_model.or_else(|| plan.candidates.first().map(|c| c.model.name.clone())).unwrap_or_default();
+            meter.model = decision.model.clone();
+            extra.push((HeaderName::from_static("x-triage-route"), decision.header_value()));
+            facts.route = Some(decision.header_value());
+            let usage = bill.usage();
+            let resp = respond_with_completion(chat, &o.completion, usage);
+            meter.finish(200, &bill, None);
+            if let Some(g) = fill {
+                if let Ok(entry) = Entry::from_completion(&o.completion) {
+                    g.complete(entry, None).await;
+                }
+            }
+            Ok(with_headers(resp, extra))
+        }
+        Err(e) => {
+            let (valid, needed) = match &e {
+                vote::VoteError::InsufficientValid { valid, needed, .. } => (*valid, *needed),
+                vote::VoteError::FallbackFailed { valid, needed, .. } => (*valid, *needed),
+            };
+            meter.finish(502, &bill, None);
+            Err(ApiError::bad_gateway(format!(
+                "Vote failed: only {valid} valid answers, {needed} needed."
+            )))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_cascade(
+    app: &Arc<AppState>,
+    rt: &Runtime,
+    chat: &ChatRequest,
+    plan: Plan,
+    c: Arc<CompiledCascade>,
+    mut meter: Meter,
+    mut bill: Bill,
+    mut extra: Vec<(HeaderName, String)>,
+    fill: Option<FillGuard>,
+    facts: &mut LogFacts,
+) -> Result<Response, ApiError> {
+    let served: Mutex<Vec<(Arc<ModelConfig>, Usage)>> = Mutex::new(Vec::new());
+    let request = Value::Object(chat.body.clone());
+    let t0 = Instant::now();
+    let outcome = vote::run_cascade(&c, &request, |i: usize| {
+        let tier_name = c.tiers.get(i).cloned().unwrap_or_default();
+        let candidates: Vec<Candidate> = rt
+            .config
+            .tiers
+            .get(&tier_name)
+            .map(|t| {
+                t.models
+                    .iter()
+                    .filter_map(|m| rt.config.models.get(m))
+                    .map(|m| Candidate {
+                        model: m.clone(),
+                        tier: Some(t.clone()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let served = &served;
+        async move { call_once(app, rt, chat, &candidates, None, None, Some(&tier_name), served).await }
+    })
+    .await;
+    let wait = t0.elapsed();
+    meter.upstream_wait = wait;
+    facts.upstream_wait = wait;
+    let served_models: Vec<String> = served.lock().iter().map(|(m, _)| m.name.clone()).collect();
+    for (m, u) in served.lock().drain(..) {
+        bill.add(&m, u);
+    }
+    let router = plan.router.as_ref().map(|r| r.name.as_str()).unwrap_or("");
+    let mut decision = plan.decision;
+    match outcome {
+        Ok(o) => {
+            for a in &o.attempts {
+                if let vote::TierResult::GateFailed(g) = &a.result {
+                    app.metrics.record_cascade_escalation(router, g.name());
+                }
+            }
+            extra.push((HeaderName::from_static("x-triage-cascade"), o.header()));
+            decision.tier = c.tiers.get(o.tier).cloned();
+            meter.tier = decision.tier.clone().unwrap_or_default();
+            decision.model = served_models.last().cloned().unwrap_or_default();
+            meter.model = decision.model.clone();
+            extra.push((HeaderName::from_static("x-triage-route"), decision.header_value()));
+            facts.route = Some(decision.header_value());
+            let resp = respond_with_completion(chat, &o.completion, bill.usage());
+            meter.finish(200, &bill, None);
+            if let (Some(g), true) = (fill, o.passed) {
+                if let Ok(entry) = Entry::from_completion(&o.completion) {
+                    g.complete(entry, None).await;
+                }
+            }
+            Ok(with_headers(resp, extra))
+        }
+        Err(_) => {
+            meter.finish(502, &bill, None);
+            Err(ApiError::bad_gateway("Cascade failed: every tier's call failed."))
+        }
+    }
+}
