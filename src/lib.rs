@@ -36,3 +36,11 @@ pub enum StartupError {
 pub fn build_state(config: config::Config) -> Result<Arc<server::state::AppState>, StartupError> {
     Ok(Arc::new(server::state::AppState::new(config)?))
 }
+
+/// Re-reads a config file and swaps it in; on any error the running config stays.
+pub fn reload_from_file(state: &server::state::AppState, path: &std::path::Path) -> Result<Vec<String>, StartupError> {
+    let cfg = config::Config::load(path)?;
+    let warnings = cfg.warnings.clone();
+    state.reload(cfg)?;
+    Ok(warnings)
+}

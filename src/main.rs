@@ -29,6 +29,33 @@ enum Command {
         #[arg(short, long, default_value = "config/triage.toml")]
         config: PathBuf,
     },
+    /// Classify a prompt with the shipped (or a given) embedded model.
+    Classify {
+        text: String,
+        /// A model file trained with `classifier train`.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Train or evaluate the embedded classifier.
+    Classifier {
+        #[command(subcommand)]
+        command: ClassifierCommand,
+    },
+    /// Virtual keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Spend per key and period, from the durable ledger.
+    Spend {
+        #[arg(short, long, default_value = "config/triage.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        key: Option<String>,
+        /// daily, weekly, monthly or total.
+        #[arg(long, default_value = "monthly")]
+        period: String,
+    },
     /// Serve the built-in mock provider on a socket (for benchmarks).
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:18080")]
@@ -44,6 +71,38 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ClassifierCommand {
+    /// Train from labelled JSONL (`{"text","label"}` per line) and write a model file.
+    Train {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Accuracy, macro-F1 and the confusion matrix on labelled JSONL.
+    Eval {
+        #[arg(long)]
+        data: PathBuf,
+        /// Model file; the shipped model when omitted.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Instead of evaluating a model on all of `data`, train on a split of
+        /// it and evaluate on the rest: `stratified` or `source` (whole sources held out).
+        #[arg(long)]
+        split: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a fresh random key and the TOML that stores its hash.
+    New {
+        #[arg(long)]
+        name: String,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve {
@@ -53,6 +112,15 @@ fn main() -> ExitCode {
     match command {
         Command::Check { config } => check(&config),
         Command::Serve { config, listen } => run_async(serve(config, listen)),
+        Command::Classify { text, model } => classify(&text, model.as_deref()),
+        Command::Classifier { command } => classifier(command),
+        Command::Keys { command: KeysCommand::New { name } } => {
+            let (key, hash) = triage::auth::new_key();
+            println!("key (give this to the client; it is not stored anywhere): {key}\n");
+            println!("[keys.{name}]\nkey_sha256 = \"{hash}\"");
+            ExitCode::SUCCESS
+        }
+        Command::Spend { config, key, period } => spend(&config, key.as_deref(), &period),
         Command::MockUpstream { listen, latency, tokens_per_second, reply_words } => {
             run_async(mock_upstream(listen, latency.into(), tokens_per_second, reply_words))
         }
@@ -103,6 +171,123 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+fn load_model(path: Option<&std::path::Path>) -> Result<triage::classify::embedded::EmbeddedClassifier, String> {
+    use triage::classify::embedded::EmbeddedClassifier;
+    match path {
+        Some(p) => EmbeddedClassifier::load(p).map_err(|e| e.to_string()),
+        None => EmbeddedClassifier::default_model().map_err(|e| e.to_string()),
+    }
+}
+
+fn classify(text: &str, model: Option<&std::path::Path>) -> ExitCode {
+    let m = match load_model(model) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let t0 = std::time::Instant::now();
+    let p = m.classify(text);
+    let took = t0.elapsed();
+    let label = m.label_name(p.label).unwrap_or("?");
+    println!("label {label}  confidence {:.3}  ({} µs)", p.confidence, took.as_micros());
+    let mut scores: Vec<(&str, f32)> = m.labels().iter().map(String::as_str).zip(p.scores.iter().copied()).collect();
+    scores.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (l, s) in scores {
+        println!("  {l:<12} {s:.3}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn classifier(cmd: ClassifierCommand) -> ExitCode {
+    use triage::classify::embedded::{load_jsonl, EmbeddedClassifier, TrainOptions};
+    use triage::classify::eval;
+    let run = || -> Result<(), String> {
+        match cmd {
+            ClassifierCommand::Train { data, out } => {
+                let examples = load_jsonl(&data).map_err(|e| e.to_string())?;
+                let t0 = std::time::Instant::now();
+                let m = EmbeddedClassifier::train(&examples, &TrainOptions::default()).map_err(|e| e.to_string())?;
+                m.save(&out).map_err(|e| e.to_string())?;
+                println!(
+                    "trained on {} examples ({} labels) in {:.1}s -> {}",
+                    examples.len(),
+                    m.labels().len(),
+                    t0.elapsed().as_secs_f64(),
+                    out.display()
+                );
+                Ok(())
+            }
+            ClassifierCommand::Eval { data, model, split } => {
+                let examples = load_jsonl(&data).map_err(|e| e.to_string())?;
+                match split.as_deref() {
+                    None => {
+                        let m = load_model(model.as_deref())?;
+                        println!("{}", eval::evaluate(&m, &examples));
+                    }
+                    Some(kind) => {
+                        let (train, test) = match kind {
+                            "stratified" => eval::stratified_split(&examples, 0.2, 7),
+                            "source" => eval::source_holdout_split(&examples, 0.2, 7),
+                            other => return Err(format!("unknown split {other:?} (stratified or source)")),
+                        };
+                        let m = EmbeddedClassifier::train(&train, &TrainOptions::default()).map_err(|e| e.to_string())?;
+                        println!("{kind} split: trained on {}, evaluated on {}", train.len(), test.len());
+                        println!("{}", eval::evaluate(&m, &test));
+                    }
+                }
+                Ok(())
+            }
+        }
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spend(config: &std::path::Path, key: Option<&str>, period: &str) -> ExitCode {
+    use triage::limits::{nanos_to_usd_string, Period};
+    let period = match period {
+        "daily" => Period::Daily,
+        "weekly" => Period::Weekly,
+        "monthly" => Period::Monthly,
+        "total" => Period::Total,
+        other => {
+            eprintln!("error: unknown period {other:?} (daily, weekly, monthly or total)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = match triage::config::Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {} is not valid:\n{e}", config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let triage::config::StoreConfig::Sqlite { state_dir } = &cfg.store else {
+        eprintln!("error: store.kind = \"memory\" keeps no ledger");
+        return ExitCode::FAILURE;
+    };
+    match triage::store::spend_report(state_dir, key, period) {
+        Ok(rows) => {
+            println!("{:<20} {:<12} {:>14} {:>10}", "key", "period", "spent_usd", "requests");
+            for r in rows {
+                println!("{:<20} {:<12} {:>14} {:>10}", r.key, r.period, nanos_to_usd_string(r.spent_nanos), r.requests);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn init_logging(json: bool, level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
@@ -147,13 +332,48 @@ async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> {
         tracing::warn!("config: {w}");
     }
     let addr = listen.unwrap_or_else(|| cfg.server.listen.clone());
+    let metrics_addr = cfg.metrics.listen.clone();
     let state = triage::build_state(cfg).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    if let Some(maddr) = metrics_addr {
+        let ml = tokio::net::TcpListener::bind(&maddr)
+            .await
+            .map_err(|e| format!("cannot listen on metrics.listen {maddr}: {e}"))?;
+        tracing::info!(addr = %maddr, "metrics on a separate listener");
+        tokio::spawn(triage::server::serve_metrics(state.clone(), ml));
+    }
+    spawn_reloader(state.clone(), path.clone());
     tracing::info!(%addr, config = %path.display(), "triage listening; OpenAI base URL http://{addr}/v1");
-    triage::server::serve(state, listener, shutdown_signal()).await;
+    triage::server::serve(state.clone(), listener, shutdown_signal()).await;
+    let st = state.clone();
+    let _ = tokio::task::spawn_blocking(move || st.flush()).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP reloads the config file: a valid one is swapped in atomically, an
+/// invalid one is logged and the running config keeps serving.
+fn spawn_reloader(state: std::sync::Arc<triage::server::state::AppState>, path: PathBuf) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match triage::reload_from_file(&state, &path) {
+                Ok(warnings) => {
+                    for w in warnings {
+                        tracing::warn!("config: {w}");
+                    }
+                    tracing::info!(config = %path.display(), "config reloaded");
+                }
+                Err(e) => tracing::error!(config = %path.display(), "config reload rejected, keeping the running config:\n{e}"),
+            }
+        }
+    });
 }
 
 async fn mock_upstream(listen: String, latency: std::time::Duration, tps: u32, words: u32) -> Result<(), String> {

@@ -105,6 +105,9 @@ pub struct FeatureConfig {
     pub word_bigrams: bool,
     /// Emit a log2(length) bucket feature.
     pub length_feature: bool,
+    /// Words in the first and last this-many bytes also get position-tagged unigrams and
+    /// bigrams, since instructions usually open or close a prompt (0 disables).
+    pub edge_bytes: u16,
     /// Seed mixed into every hash.
     pub hash_seed: u64,
     /// Only the first this-many bytes of a long prompt are read (0 = whole prompt).
@@ -123,6 +126,7 @@ impl Default for FeatureConfig {
             word_unigrams: true,
             word_bigrams: true,
             length_feature: true,
+            edge_bytes: 160,
             hash_seed: 0x7472_6961_6765_0001,
             max_head_bytes: 4096,
             max_tail_bytes: 1024,
@@ -273,6 +277,8 @@ const DOMAIN_WORD: u64 = 0x776f_7264_5f74_6f6b;
 const DOMAIN_BIGRAM: u64 = 0x6269_6772_616d_5f5f;
 const DOMAIN_LEN: u64 = 0x6c65_6e67_7468_5f5f;
 const DOMAIN_GAP: u64 = 0x6761_705f_5f5f_5f5f;
+const DOMAIN_HEAD: u64 = 0x6865_6164_5f5f_5f5f;
+const DOMAIN_TAIL: u64 = 0x7461_696c_5f5f_5f5f;
 // Word boundary markers, outside the Unicode range so they never collide with text.
 const WORD_START: u32 = 0x11_0001;
 const WORD_END: u32 = 0x11_0002;
@@ -345,6 +351,10 @@ struct Extractor<'a, S: Sink> {
     in_word: bool,
     word_hash: u64,
     prev: Option<u64>,
+    /// Mixed into token hashes: distinguishes body, head-edge and tail-edge tokens.
+    token_domain: u64,
+    /// Character n-grams are only emitted for the body pass.
+    chars_on: bool,
     /// Per-position multipliers of the character n-gram hash.
     char_keys: [u64; MAX_NGRAM],
     /// Per-length offsets, so n-grams of different lengths land apart.
@@ -375,6 +385,8 @@ impl<'a, S: Sink> Extractor<'a, S> {
             in_word: false,
             word_hash: 0,
             prev: None,
+            token_domain: 0,
+            chars_on: true,
             char_keys,
             len_keys,
             seed_word: mix(s, DOMAIN_WORD),
@@ -394,7 +406,7 @@ impl<'a, S: Sink> Extractor<'a, S> {
         self.ring_pos = self.ring_pos.wrapping_add(1);
         self.word_len += 1;
         let lo = usize::from(self.cfg.char_ngram_min);
-        if lo == 0 {
+        if lo == 0 || !self.chars_on {
             return;
         }
         let hi = usize::from(self.cfg.char_ngram_max).min(self.word_len);
@@ -436,6 +448,7 @@ impl<'a, S: Sink> Extractor<'a, S> {
 
     #[inline(always)]
     fn token(&mut self, h: u64) {
+        let h = h ^ self.token_domain;
         if self.cfg.word_unigrams {
             let b = self.bucket(h);
             self.sink.word(b);
@@ -476,6 +489,13 @@ impl<'a, S: Sink> Extractor<'a, S> {
             self.prev = Some(mix(self.cfg.hash_seed, DOMAIN_GAP));
             self.feed(tail);
         }
+        let edge = usize::from(self.cfg.edge_bytes);
+        if edge > 0 {
+            self.chars_on = false;
+            self.edge_pass(text.get(..floor_boundary(text, edge)), DOMAIN_HEAD);
+            let start = ceil_boundary(text, text.len().saturating_sub(edge));
+            self.edge_pass(text.get(start..), DOMAIN_TAIL);
+        }
         if self.cfg.length_feature {
             let len_bucket = u64::from(usize::BITS - text.len().leading_zeros());
             let b = self.bucket(mix(mix(self.cfg.hash_seed, DOMAIN_LEN), len_bucket));
@@ -485,19 +505,42 @@ impl<'a, S: Sink> Extractor<'a, S> {
     }
 }
 
+impl<S: Sink> Extractor<'_, S> {
+    fn edge_pass(&mut self, part: Option<&str>, domain: u64) {
+        if let Some(part) = part {
+            self.in_word = false;
+            self.prev = None;
+            self.token_domain = mix(self.cfg.hash_seed, domain);
+            self.feed(part);
+        }
+    }
+}
+
+/// Largest char boundary <= `i`.
+fn floor_boundary(text: &str, i: usize) -> usize {
+    let mut i = i.min(text.len());
+    while i > 0 && !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Smallest char boundary >= `i`.
+fn ceil_boundary(text: &str, i: usize) -> usize {
+    let mut i = i;
+    while i < text.len() && !text.is_char_boundary(i) {
+        i += 1;
+    }
+    i.min(text.len())
+}
+
 /// Splits a long text into the part to read from the start and an optional tail.
 fn head_tail(text: &str, head: usize, tail: usize) -> (&str, Option<&str>) {
     if head == 0 || text.len() <= head.saturating_add(tail) {
         return (text, None);
     }
-    let mut h = head;
-    while h > 0 && !text.is_char_boundary(h) {
-        h -= 1;
-    }
-    let mut t = text.len() - tail;
-    while t < text.len() && !text.is_char_boundary(t) {
-        t += 1;
-    }
+    let h = floor_boundary(text, head);
+    let t = ceil_boundary(text, text.len() - tail);
     let head_part = text.get(..h).unwrap_or("");
     let tail_part = if tail == 0 { None } else { text.get(t..) };
     (head_part, tail_part)
@@ -1002,6 +1045,7 @@ impl EmbeddedClassifier {
         out.push(f.char_ngram_max);
         out.extend_from_slice(&f.char_weight.to_le_bytes());
         out.push(f.flags());
+        out.extend_from_slice(&f.edge_bytes.to_le_bytes());
         out.extend_from_slice(&f.hash_seed.to_le_bytes());
         out.extend_from_slice(&f.max_head_bytes.to_le_bytes());
         out.extend_from_slice(&f.max_tail_bytes.to_le_bytes());
@@ -1055,6 +1099,7 @@ impl EmbeddedClassifier {
             word_unigrams: flags & 1 != 0,
             word_bigrams: flags & 2 != 0,
             length_feature: flags & 4 != 0,
+            edge_bytes: r.u16()?,
             hash_seed: r.u64()?,
             max_head_bytes: r.u32()?,
             max_tail_bytes: r.u32()?,

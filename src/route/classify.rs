@@ -60,13 +60,137 @@ pub fn classify_rules(router: &RouterConfig, text: &str) -> Classification {
     }
 }
 
+fn unknown(failed: bool) -> Classification {
+    Classification {
+        label: UNKNOWN_LABEL.to_string(),
+        confidence: 0.0,
+        failed,
+        bill: None,
+    }
+}
+
 pub async fn classify(app: &AppState, rt: &Runtime, router: &RouterConfig, chat: &ChatRequest) -> Classification {
     let text = input_text(router.input, chat);
     match &router.classifier {
         ClassifierKind::Rules => classify_rules(router, &text),
-        ClassifierKind::Embedded(_) | ClassifierKind::Llm { .. } => {
-            let _ = (app, rt);
-            classify_rules(router, &text)
+        ClassifierKind::Embedded(name) => {
+            let Some(model) = rt.classifiers.get(name.as_deref().unwrap_or("")) else {
+                return unknown(true);
+            };
+            let p = model.classify(&text);
+            match model.label_name(p.label) {
+                Some(l) => Classification {
+                    label: l.to_string(),
+                    confidence: p.confidence,
+                    failed: false,
+                    bill: None,
+                },
+                None => unknown(true),
+            }
         }
+        ClassifierKind::Llm { model, timeout } => {
+            // The verdict for the same prompt and label set is reused.
+            let mut h = blake3::Hasher::new();
+            h.update(router.name.as_bytes());
+            h.update(&[0]);
+            h.update(text.as_bytes());
+            let key: [u8; 32] = h.finalize().into();
+            if let Some(mut c) = app.verdicts.get(&key) {
+                c.bill = None;
+                return c;
+            }
+            let c = classify_llm(app, rt, router, model, *timeout, &text).await;
+            if !c.failed {
+                app.verdicts.insert(key, c.clone());
+            }
+            c
+        }
+    }
+}
+
+/// Asks a small model to pick one label, constrained by a JSON schema enum.
+async fn classify_llm(app: &AppState, rt: &Runtime, router: &RouterConfig, model: &str, timeout: std::time::Duration, text: &str) -> Classification {
+    let Some(m) = rt.config.models.get(model) else {
+        return unknown(true);
+    };
+    let labels: Vec<&str> = router.labels.iter().map(String::as_str).collect();
+    let system = format!(
+        "You are a request classifier for an LLM router. Read the user's message and answer with the one label that fits best. Labels: {}. Reply as JSON: {{\"label\": \"...\"}}.",
+        labels.iter().map(|l| format!("{l} ({})", describe(l))).collect::<Vec<_>>().join("; ")
+    );
+    let truncated: String = text.chars().take(4000).collect();
+    let body = serde_json::json!({
+        "model": m.upstream_model,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": truncated}],
+        "temperature": 0,
+        "max_tokens": 20,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "route_label", "strict": true, "schema": {
+            "type": "object", "properties": {"label": {"type": "string", "enum": labels}},
+            "required": ["label"], "additionalProperties": false}}},
+    });
+    let bytes = bytes::Bytes::from(body.to_string());
+    let candidates = super::direct_candidates(&rt.config, m);
+    let call = async {
+        let d = crate::server::dispatch::dispatch(app, rt, &candidates[..1], "/chat/completions", |_| bytes.clone(), None).await.ok()?;
+        let served = d.candidate.model.clone();
+        let body = d.response.collect(1024 * 1024).await.ok()?;
+        let v: Value = serde_json::from_slice(&body).ok()?;
+        let usage = v.get("usage").and_then(crate::usage::Usage::from_json).unwrap_or_default();
+        let content = v.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or("");
+        Some((served, usage, parse_label(content, &labels)))
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Some((served, usage, Some(label)))) => Classification {
+            label,
+            confidence: 1.0,
+            failed: false,
+            bill: Some((served, usage)),
+        },
+        Ok(Some((served, usage, None))) => {
+            tracing::debug!(router = %router.name, "LLM classifier gave no valid label");
+            let mut c = unknown(true);
+            c.bill = Some((served, usage));
+            c
+        }
+        Ok(None) | Err(_) => unknown(true),
+    }
+}
+
+fn parse_label(content: &str, labels: &[&str]) -> Option<String> {
+    let trimmed = content.trim().trim_start_matches("```json").trim_start_matches("```").trim_end_matches("```").trim();
+    if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
+        if let Some(l) = v.get("label").and_then(Value::as_str) {
+            return labels.iter().find(|x| x.eq_ignore_ascii_case(l)).map(|x| x.to_string());
+        }
+    }
+    let bare = trimmed.trim_matches('"').trim();
+    labels.iter().find(|x| x.eq_ignore_ascii_case(bare)).map(|x| x.to_string())
+}
+
+fn describe(label: &str) -> &'static str {
+    match label {
+        "code" => "write, fix or explain code",
+        "math" => "calculation, word problems, proofs",
+        "reasoning" => "logic puzzles and multi-step inference",
+        "writing" => "creative writing and drafting prose",
+        "extraction" => "summarise or extract from a given text",
+        "knowledge" => "factual or domain questions",
+        "chat" => "small talk and simple everyday requests",
+        _ => "custom label",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_labels_from_llm_answers() {
+        let labels = ["code", "math"];
+        assert_eq!(parse_label("{\"label\": \"math\"}", &labels).as_deref(), Some("math"));
+        assert_eq!(parse_label("```json\n{\"label\":\"CODE\"}\n```", &labels).as_deref(), Some("code"));
+        assert_eq!(parse_label("\"code\"", &labels).as_deref(), Some("code"));
+        assert_eq!(parse_label("{\"label\": \"poetry\"}", &labels), None);
+        assert_eq!(parse_label("I think math", &labels), None);
     }
 }

@@ -69,6 +69,10 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    // With `metrics.listen` set, the page lives only on that address.
+    if app.runtime.load().config.metrics.listen.is_some() {
+        return ApiError::not_found().into_response();
+    }
     render_metrics(&app)
 }
 

@@ -35,7 +35,7 @@ pub mod request;
 pub mod state;
 pub mod stream;
 
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -231,5 +231,15 @@ pub async fn serve(state: Arc<AppState>, listener: TcpListener, signal: impl std
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!("grace period over; cutting remaining connections"),
+    }
+}
+
+/// Serves only `/metrics` (for `metrics.listen`, so it need not be public).
+pub async fn serve_metrics(state: Arc<AppState>, listener: TcpListener) {
+    let app = Router::new()
+        .route("/metrics", get(|State(app): State<Arc<AppState>>| async move { handlers::render_metrics(&app) }))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics listener stopped");
     }
 }
