@@ -174,6 +174,8 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Class weight = (n / (k * n_class))^power: 0 = unweighted, 1 = fully balanced.
     pub class_weight_power: f32,
+    /// Average the weights of the later epochs (usually generalises better).
+    pub average: bool,
     /// Minimum number of SGD steps, so 20-example sets still converge.
     pub min_updates: usize,
     /// Feature extraction parameters.
@@ -191,6 +193,7 @@ impl Default for TrainOptions {
             seed: 42,
             class_weight_power: 0.5,
             min_updates: 3000,
+            average: true,
             features: FeatureConfig::default(),
             labels: Vec::new(),
         }
@@ -859,7 +862,19 @@ impl EmbeddedClassifier {
         let mut probs = vec![0f32; k];
         let mut grad = vec![0f32; k];
 
-        for _ in 0..epochs {
+        // Averaging the per-epoch weights of the second half smooths SGD noise.
+        let mut avg_w: Vec<f32> = Vec::new();
+        let mut avg_b = vec![0f32; k];
+        let mut avg_n = 0f32;
+        for epoch in 0..epochs {
+            if opts.average && epoch > 0 && epoch >= epochs / 2 {
+                if avg_w.is_empty() {
+                    avg_w = vec![0f32; w.len()];
+                }
+                avg_w.iter_mut().zip(&w).for_each(|(a, &v)| *a += v);
+                avg_b.iter_mut().zip(&bias).for_each(|(a, &v)| *a += v);
+                avg_n += 1.0;
+            }
             rng.shuffle(&mut order);
             for &i in &order {
                 let y = ys[i];
@@ -906,6 +921,11 @@ impl EmbeddedClassifier {
             }
         }
 
+        if avg_n > 0.0 {
+            avg_w.iter_mut().zip(&w).for_each(|(a, &v)| *a = (*a + v) / (avg_n + 1.0));
+            avg_b.iter_mut().zip(&bias).for_each(|(a, &v)| *a = (*a + v) / (avg_n + 1.0));
+            return Ok(Self::quantize(labels, cfg, avg_b, &avg_w));
+        }
         Ok(Self::quantize(labels, cfg, bias, &w))
     }
 

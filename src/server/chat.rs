@@ -45,6 +45,7 @@ pub async fn chat_completions(State(app): State<Arc<AppState>>, Extension(caller
     let started = Instant::now();
     let mut resp = match chat(&app, &caller, req, &rid, &mut facts).await {
         Ok(r) => r,
+        Err(e) if facts.metered => e.into_response(),
         Err(e) => {
             // Requests refused before anything was metered still count.
             app.metrics.record_request(&RequestRecord {
@@ -277,6 +278,7 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
         cache: cache_outcome,
         request_id: rid.clone(),
     };
+    facts.metered = true;
     let mut bill = Bill::default();
     if let Some((m, u)) = &plan.classification_bill {
         bill.add(m, *u);
@@ -777,6 +779,7 @@ fn serve_hit(
         cache: CacheOutcome::Hit,
         request_id: rid.clone(),
     };
+    facts.metered = true;
     let resp = if chat.stream {
         let chunks = entry
             .replay_chunks(&id, now_secs(), cache::DEFAULT_CHUNK_CHARS, chat.client_wants_usage)

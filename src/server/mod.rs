@@ -60,6 +60,8 @@ pub struct LogFacts {
     pub key: Option<String>,
     pub router: Option<String>,
     pub upstream_wait: std::time::Duration,
+    /// The request's metrics were already recorded (by its settlement).
+    pub metered: bool,
     pub route: Option<String>,
     pub cache: Option<&'static str>,
 }

@@ -7,7 +7,7 @@ use crate::cache::ResponseCache;
 use crate::classify::embedded::EmbeddedClassifier;
 use crate::config::{BudgetPeriodKind, ClassifierKind, Config, StoreConfig};
 use crate::guard::{Guard, MemoryStore, SessionStore};
-use crate::limits::{KeySpec, LimitSpec, LimitSpecs, Limiter, Period};
+use crate::limits::{KeySpec, LimitBackend, LimitSpec, LimitSpecs, Limiter, Period};
 use crate::metrics::{KnownNames, Metrics};
 use crate::route::Health;
 use crate::store::{SpendLedger, SqliteLedger};
@@ -174,7 +174,8 @@ pub struct AppState {
     pub health: Health,
     pub ready: AtomicBool,
     pub metrics: Arc<Metrics>,
-    pub limiter: Limiter,
+    /// Rate limits and budgets: in memory (single node) or a shared store.
+    pub limiter: Arc<dyn LimitBackend>,
     pub ledger: Option<Arc<SqliteLedger>>,
     pub cache: ArcSwap<Option<ResponseCache>>,
     pub sessions: Arc<MemoryStore>,
@@ -207,7 +208,7 @@ impl AppState {
             health: Health::default(),
             ready: AtomicBool::new(false),
             metrics: Arc::new(metrics),
-            limiter,
+            limiter: Arc::new(limiter),
             ledger,
             cache: ArcSwap::from_pointee(cache),
             sessions,
