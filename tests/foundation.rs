@@ -283,3 +283,37 @@ async fn builtin_mock_provider_answers_without_network() {
     assert_eq!(streamed, text);
     gw.shutdown().await;
 }
+
+#[test]
+fn shipped_configs_are_valid() {
+    std::env::set_var("OPENAI_API_KEY", "test");
+    std::env::set_var("GROQ_API_KEY", "test");
+    std::env::set_var("TRIAGE_BACKEND_KEY", "test");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files = vec![root.join("triage.toml")];
+    for e in std::fs::read_dir(root.join("examples")).unwrap() {
+        files.push(e.unwrap().path());
+    }
+    assert!(files.len() >= 3);
+    for f in files {
+        if let Err(e) = triage::config::Config::load(&f) {
+            panic!("{}: {e}", f.display());
+        }
+    }
+}
+
+#[test]
+fn check_command_reports_key_paths_and_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "auth = \"none\"\n[providers.p]\nkind = \"mock\"\n[models.fast]\nprovider = \"opnai\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage")).args(["check", "-c", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("models.fast.provider: unknown provider \"opnai\""), "{text}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage"))
+        .args(["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/config/triage.toml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
