@@ -269,7 +269,8 @@ fn spend(config: &std::path::Path, key: Option<&str>, period: &str) -> ExitCode 
             return ExitCode::FAILURE;
         }
     };
-    let triage::config::StoreConfig::Sqlite { state_dir } = &cfg.store else {
+    // With `redis`, each replica's ledger holds only its own settlements.
+    let Some(state_dir) = cfg.store.state_dir() else {
         eprintln!("error: store.kind = \"memory\" keeps no ledger");
         return ExitCode::FAILURE;
     };

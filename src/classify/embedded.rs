@@ -12,6 +12,8 @@ const MAX_NGRAM: usize = 8;
 const MAGIC: &[u8; 8] = b"TRGCLSF\0";
 const FORMAT_VERSION: u16 = 1;
 const MAX_LABEL_BYTES: usize = 256;
+/// Largest weight table (buckets x labels) training will allocate.
+const MAX_TRAIN_WEIGHTS: usize = 1 << 25;
 
 /// Errors from loading data, training, or decoding a model.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,18 @@ pub fn parse_jsonl(data: &str) -> Result<Vec<Example>, ClassifierError> {
     Ok(out)
 }
 
+/// Trains on a JSONL file and writes the model to `out` (what `triage classifier train` runs).
+pub fn train_from_jsonl(
+    data: &Path,
+    out: &Path,
+    opts: &TrainOptions,
+) -> Result<EmbeddedClassifier, ClassifierError> {
+    let examples = load_jsonl(data)?;
+    let model = EmbeddedClassifier::train(&examples, opts)?;
+    model.save(out)?;
+    Ok(model)
+}
+
 /// Feature-hashing parameters; stored in the model file so inference matches training.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FeatureConfig {
@@ -121,8 +135,8 @@ impl Default for FeatureConfig {
         Self {
             hash_bits: 18,
             char_ngram_min: 3,
-            char_ngram_max: 5,
-            char_weight: 0.5,
+            char_ngram_max: 4,
+            char_weight: 0.2,
             word_unigrams: true,
             word_bigrams: true,
             length_feature: true,
@@ -191,7 +205,7 @@ impl Default for TrainOptions {
             learning_rate: 0.2,
             l2: 1e-6,
             seed: 42,
-            class_weight_power: 0.5,
+            class_weight_power: 1.0,
             min_updates: 3000,
             average: true,
             features: FeatureConfig::default(),
@@ -340,7 +354,7 @@ trait Sink {
     /// A word, punctuation, bigram or length feature.
     fn word(&mut self, bucket: u32);
     /// A character n-gram feature.
-    fn char(&mut self, bucket: u32);
+    fn char_gram(&mut self, bucket: u32);
 }
 
 /// Streams hashed feature buckets for a text without allocating.
@@ -421,7 +435,7 @@ impl<'a, S: Sink> Extractor<'a, S> {
             h = h.wrapping_add(ch.wrapping_mul(self.char_keys[n - 1]));
             if n >= lo {
                 let b = ((h ^ self.len_keys[n]).wrapping_mul(MUL) >> self.shift) as u32;
-                self.sink.char(b);
+                self.sink.char_gram(b);
             }
         }
     }
@@ -563,7 +577,7 @@ impl Sink for Collect<'_> {
         self.0.push(bucket);
     }
     #[inline(always)]
-    fn char(&mut self, bucket: u32) {
+    fn char_gram(&mut self, bucket: u32) {
         self.0.push(bucket | CHAR_FLAG);
     }
 }
@@ -636,7 +650,7 @@ impl Sink for Narrow<'_> {
         self.word_len += 1;
     }
     #[inline(always)]
-    fn char(&mut self, bucket: u32) {
+    fn char_gram(&mut self, bucket: u32) {
         if self.char_len >= BATCH {
             self.flush();
         }
@@ -665,7 +679,7 @@ impl Sink for Wide<'_> {
             }
         }
     }
-    fn char(&mut self, bucket: u32) {
+    fn char_gram(&mut self, bucket: u32) {
         self.n_char += 1;
         let base = bucket as usize * self.k;
         if let Some(row) = self.weights.get(base..base + self.k) {
@@ -751,9 +765,7 @@ fn validate_label(label: &str) -> Result<(), String> {
 impl TrainOptions {
     fn validate(&self) -> Result<(), ClassifierError> {
         let bad = |m: String| Err(ClassifierError::InvalidOptions(m));
-        self.features
-            .validate()
-            .or_else(|m| bad(m))?;
+        self.features.validate().or_else(bad)?;
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return bad(format!("learning_rate {} must be > 0", self.learning_rate));
         }
@@ -821,6 +833,13 @@ impl EmbeddedClassifier {
 
         let k = labels.len();
         let n = examples.len();
+        // Training keeps three f32 tables of this size; refuse sizes that would exhaust memory.
+        if (1usize << opts.features.hash_bits).saturating_mul(k) > MAX_TRAIN_WEIGHTS {
+            return Err(ClassifierError::InvalidOptions(format!(
+                "2^{} buckets x {k} labels exceeds {MAX_TRAIN_WEIGHTS} weights",
+                opts.features.hash_bits
+            )));
+        }
         let mut counts = vec![0usize; k];
         for &y in &ys {
             counts[y] += 1;
@@ -852,10 +871,7 @@ impl EmbeddedClassifier {
         let l2 = opts.l2;
         const EPS: f32 = 1e-6;
 
-        let epochs = opts
-            .epochs
-            .max(opts.min_updates.div_ceil(n))
-            .min(1000);
+        let epochs = opts.epochs.max(opts.min_updates.div_ceil(n)).min(1000);
         let mut order: Vec<usize> = (0..n).collect();
         let mut rng = SplitMix64::new(opts.seed);
         let mut feats: Vec<u32> = Vec::with_capacity(4096);
@@ -922,8 +938,14 @@ impl EmbeddedClassifier {
         }
 
         if avg_n > 0.0 {
-            avg_w.iter_mut().zip(&w).for_each(|(a, &v)| *a = (*a + v) / (avg_n + 1.0));
-            avg_b.iter_mut().zip(&bias).for_each(|(a, &v)| *a = (*a + v) / (avg_n + 1.0));
+            avg_w
+                .iter_mut()
+                .zip(&w)
+                .for_each(|(a, &v)| *a = (*a + v) / (avg_n + 1.0));
+            avg_b
+                .iter_mut()
+                .zip(&bias)
+                .for_each(|(a, &v)| *a = (*a + v) / (avg_n + 1.0));
             return Ok(Self::quantize(labels, cfg, avg_b, &avg_w));
         }
         Ok(Self::quantize(labels, cfg, bias, &w))
@@ -1111,6 +1133,10 @@ impl EmbeddedClassifier {
         if flags & !0b111 != 0 {
             return Err(bad("unknown feature flags"));
         }
+        let edge_bytes = r.u16()?;
+        let hash_seed = r.u64()?;
+        let max_head_bytes = r.u32()?;
+        let max_tail_bytes = r.u32()?;
         let features = FeatureConfig {
             hash_bits,
             char_ngram_min,
@@ -1119,14 +1145,12 @@ impl EmbeddedClassifier {
             word_unigrams: flags & 1 != 0,
             word_bigrams: flags & 2 != 0,
             length_feature: flags & 4 != 0,
-            edge_bytes: r.u16()?,
-            hash_seed: r.u64()?,
-            max_head_bytes: r.u32()?,
-            max_tail_bytes: r.u32()?,
+            edge_bytes,
+            hash_seed,
+            max_head_bytes,
+            max_tail_bytes,
         };
-        features
-            .validate()
-            .map_err(ClassifierError::InvalidModel)?;
+        features.validate().map_err(ClassifierError::InvalidModel)?;
         let k = usize::from(r.u16()?);
         if !(2..=MAX_LABELS).contains(&k) {
             return Err(bad("label count out of range"));
@@ -1229,13 +1253,397 @@ impl<'a> Reader<'a> {
     }
 }
 
-#[doc(hidden)]
-pub fn tmp_count(cfg: &FeatureConfig, text: &str) -> usize {
-    struct C(usize, u32);
-    impl Sink for C {
-        fn word(&mut self, b: u32) { self.0 += 1; self.1 ^= b; }
-        fn char(&mut self, b: u32) { self.0 += 1; self.1 ^= b; }
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn ex(text: &str, label: &str) -> Example {
+        Example {
+            text: text.to_owned(),
+            label: label.to_owned(),
+            source: None,
+        }
     }
-    let c = extract(cfg, text, C(0, 0));
-    c.0 + c.1 as usize
+
+    /// A small three-label set with clearly separable vocabulary.
+    fn small_set() -> Vec<Example> {
+        let mut v = Vec::new();
+        for t in [
+            "write a python function to reverse a list",
+            "fix this rust compile error in my struct",
+            "how do I sort a dict by value in python",
+            "convert this javascript loop to a map call",
+            "why does my java code throw a null pointer exception",
+            "implement binary search in c++",
+        ] {
+            v.push(ex(t, "code"));
+        }
+        for t in [
+            "what is 12 times 7 plus 3",
+            "solve for x: 2x + 5 = 17",
+            "compute the derivative of x^2 + 3x",
+            "what is the probability of rolling two sixes",
+            "a train travels 60 km in 1.5 hours, what is its speed",
+            "find the sum of the first 100 integers",
+        ] {
+            v.push(ex(t, "math"));
+        }
+        for t in [
+            "hello there",
+            "thanks a lot",
+            "good morning, how are you",
+            "tell me a joke",
+            "bye, see you later",
+            "what is your name",
+        ] {
+            v.push(ex(t, "chat"));
+        }
+        v
+    }
+
+    fn small_opts() -> TrainOptions {
+        TrainOptions {
+            features: FeatureConfig {
+                hash_bits: 14,
+                ..FeatureConfig::default()
+            },
+            ..TrainOptions::default()
+        }
+    }
+
+    fn tricky_texts() -> Vec<String> {
+        vec![
+            String::new(),
+            "   \n\t ".to_owned(),
+            "?!".to_owned(),
+            "héllo wörld ÇA VA? 日本語のテキストです 🤖🚀 Ωμέγα".to_owned(),
+            "e\u{301}\u{200d}\u{0}\u{feff}x".to_owned(),
+            "ǅ İstanbul ß ﬁ".to_owned(),
+            "é".repeat(3000),
+            "🤖".repeat(2000),
+            "word ".repeat(300_000),
+            "x".repeat(100_000),
+        ]
+    }
+
+    #[test]
+    fn send_sync() {
+        fn assert<T: Send + Sync>() {}
+        assert::<EmbeddedClassifier>();
+    }
+
+    #[test]
+    fn round_trip_preserves_predictions() {
+        let data = small_set();
+        let m = EmbeddedClassifier::train(&data, &small_opts()).unwrap();
+        let bytes = m.to_bytes();
+        let back = EmbeddedClassifier::from_bytes(&bytes).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.labels(), m.labels());
+        assert_eq!(back.feature_config(), m.feature_config());
+        for t in data.iter().map(|e| e.text.clone()).chain(tricky_texts()) {
+            assert_eq!(m.classify(&t), back.classify(&t), "{t:.40}");
+        }
+        assert_eq!(back.to_bytes(), bytes);
+    }
+
+    #[test]
+    fn training_is_deterministic() {
+        let data = small_set();
+        let a = EmbeddedClassifier::train(&data, &small_opts()).unwrap();
+        let b = EmbeddedClassifier::train(&data, &small_opts()).unwrap();
+        assert_eq!(a.to_bytes(), b.to_bytes());
+        let c = EmbeddedClassifier::train(
+            &data,
+            &TrainOptions {
+                seed: 7,
+                ..small_opts()
+            },
+        )
+        .unwrap();
+        // A different seed changes the SGD order, hence the weights.
+        assert_ne!(a.to_bytes(), c.to_bytes());
+    }
+
+    #[test]
+    fn tiny_custom_labels_learn_their_utterances() {
+        let mut data = Vec::new();
+        let sets = [
+            (
+                "billing",
+                &[
+                    "I was charged twice on my invoice",
+                    "refund my last payment please",
+                    "why is my credit card bill so high",
+                    "update the billing address on my account",
+                    "cancel my subscription charge",
+                ][..],
+            ),
+            (
+                "outage",
+                &[
+                    "the service is down again",
+                    "your api returns 503 errors",
+                    "site not loading for me",
+                    "is there an outage right now",
+                    "the dashboard keeps timing out",
+                ][..],
+            ),
+            (
+                "sales",
+                &[
+                    "I want a quote for the enterprise plan",
+                    "can I talk to someone about pricing for 500 seats",
+                    "do you offer volume discounts",
+                    "book a demo with your sales team",
+                    "what does the premium tier cost",
+                ][..],
+            ),
+        ];
+        for (label, texts) in sets {
+            for t in texts {
+                data.push(ex(t, label));
+            }
+        }
+        // Default options, as the gateway would use for labels from its config file.
+        let m = EmbeddedClassifier::train(&data, &TrainOptions::default()).unwrap();
+        assert_eq!(m.labels(), ["billing", "outage", "sales"]);
+        for e in &data {
+            let p = m.classify(&e.text);
+            assert_eq!(m.label_name(p.label), Some(e.label.as_str()), "{}", e.text);
+            assert!(p.confidence > 1.0 / 3.0);
+        }
+        let p = m.classify("I got charged twice, please refund");
+        assert_eq!(m.label_name(p.label), Some("billing"));
+        let p = m.classify("the api is down and returns errors");
+        assert_eq!(m.label_name(p.label), Some("outage"));
+    }
+
+    #[test]
+    fn small_model_separates_classes() {
+        let m = EmbeddedClassifier::train(&small_set(), &small_opts()).unwrap();
+        for (text, want) in [
+            ("write a python function to merge two lists", "code"),
+            ("what is 15 times 4 plus 2", "math"),
+            ("hello, thanks a lot", "chat"),
+        ] {
+            let p = m.classify(text);
+            assert_eq!(m.label_name(p.label), Some(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn explicit_label_order_is_kept() {
+        let opts = TrainOptions {
+            labels: vec!["math".into(), "chat".into(), "code".into()],
+            ..small_opts()
+        };
+        let m = EmbeddedClassifier::train(&small_set(), &opts).unwrap();
+        assert_eq!(m.labels(), ["math", "chat", "code"]);
+        assert_eq!(m.label_index("code"), Some(2));
+        assert_eq!(m.label_index("nope"), None);
+    }
+
+    #[test]
+    fn bad_training_input_is_an_error() {
+        let opts = small_opts();
+        assert!(EmbeddedClassifier::train(&[], &opts).is_err());
+        let one_label = vec![ex("a", "x"), ex("b", "x")];
+        assert!(EmbeddedClassifier::train(&one_label, &opts).is_err());
+        let unknown = TrainOptions {
+            labels: vec!["code".into(), "math".into()],
+            ..small_opts()
+        };
+        assert!(EmbeddedClassifier::train(&small_set(), &unknown).is_err());
+        for bad in [
+            TrainOptions {
+                learning_rate: f32::NAN,
+                ..small_opts()
+            },
+            TrainOptions {
+                epochs: 0,
+                ..small_opts()
+            },
+            TrainOptions {
+                features: FeatureConfig {
+                    hash_bits: 40,
+                    ..FeatureConfig::default()
+                },
+                ..small_opts()
+            },
+            TrainOptions {
+                features: FeatureConfig {
+                    char_ngram_min: 5,
+                    char_ngram_max: 3,
+                    ..FeatureConfig::default()
+                },
+                ..small_opts()
+            },
+        ] {
+            assert!(matches!(
+                EmbeddedClassifier::train(&small_set(), &bad),
+                Err(ClassifierError::InvalidOptions(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn corrupt_bytes_are_errors() {
+        let m = EmbeddedClassifier::train(&small_set(), &small_opts()).unwrap();
+        let bytes = m.to_bytes();
+        assert!(EmbeddedClassifier::from_bytes(&[]).is_err());
+        assert!(EmbeddedClassifier::from_bytes(b"not a model at all").is_err());
+        assert!(EmbeddedClassifier::from_bytes(MAGIC).is_err());
+        for cut in [
+            9,
+            10,
+            20,
+            40,
+            bytes.len() / 2,
+            bytes.len() - 9,
+            bytes.len() - 1,
+        ] {
+            assert!(
+                EmbeddedClassifier::from_bytes(&bytes[..cut]).is_err(),
+                "cut {cut}"
+            );
+        }
+        for pos in [8, 12, 30, bytes.len() / 2, bytes.len() - 3] {
+            let mut b = bytes.clone();
+            b[pos] ^= 0x5a;
+            assert!(EmbeddedClassifier::from_bytes(&b).is_err(), "flip {pos}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(EmbeddedClassifier::from_bytes(&longer).is_err());
+    }
+
+    #[test]
+    fn corrupt_fields_with_valid_checksum_are_errors() {
+        let m = EmbeddedClassifier::train(&small_set(), &small_opts()).unwrap();
+        let bytes = m.to_bytes();
+        // Re-seal after patching so the field checks, not the checksum, must catch it.
+        let reseal = |patch: &dyn Fn(&mut Vec<u8>)| {
+            let mut body = bytes[..bytes.len() - 8].to_vec();
+            patch(&mut body);
+            let sum = checksum(&body);
+            body.extend_from_slice(&sum.to_le_bytes());
+            EmbeddedClassifier::from_bytes(&body)
+        };
+        assert!(reseal(&|_| {}).is_ok());
+        assert!(reseal(&|b| b[8] = 99).is_err()); // version
+        assert!(reseal(&|b| b[10] = 60).is_err()); // hash bits
+        assert!(reseal(&|b| b[12] = 200).is_err()); // n-gram max
+        assert!(reseal(&|b| b[17] = 0xff).is_err()); // flags
+        assert!(reseal(&|b| b.truncate(b.len() - 1)).is_err());
+    }
+
+    #[test]
+    fn odd_text_never_panics() {
+        let m = EmbeddedClassifier::train(&small_set(), &small_opts()).unwrap();
+        for t in tricky_texts() {
+            let p = m.classify(&t);
+            assert_eq!(p.scores.len(), 3);
+            assert!(p.label < 3);
+            let sum: f32 = p.scores.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-4, "{sum}");
+            assert!(p.scores.iter().all(|s| s.is_finite() && *s >= 0.0));
+            assert_eq!(p.confidence, p.scores[p.label]);
+        }
+        // Training on odd text works too.
+        let mut data = small_set();
+        data.extend(tricky_texts().into_iter().map(|t| ex(&t, "chat")));
+        assert!(EmbeddedClassifier::train(&data, &small_opts()).is_ok());
+    }
+
+    #[test]
+    fn head_tail_respects_char_boundaries() {
+        let text = "é".repeat(10); // 20 bytes
+        for head in 0..22 {
+            for tail in 0..22 {
+                let (h, t) = head_tail(&text, head, tail);
+                assert!(h.len() <= text.len());
+                if let Some(t) = t {
+                    assert!(h.len() + t.len() <= text.len());
+                }
+            }
+        }
+        assert_eq!(head_tail("abcdef", 2, 2), ("ab", Some("ef")));
+        assert_eq!(head_tail("abcd", 2, 2), ("abcd", None));
+    }
+
+    #[test]
+    fn features_ignore_case_and_digit_values() {
+        let cfg = FeatureConfig::default();
+        let collect = |t: &str| {
+            let mut v = Vec::new();
+            extract(&cfg, t, Collect(&mut v));
+            v
+        };
+        assert_eq!(collect("Hello World 42"), collect("hello world 17"));
+        assert_ne!(collect("hello world"), collect("hello there"));
+        assert!(collect("").len() <= 1);
+    }
+
+    #[test]
+    fn parse_jsonl_reports_line_numbers() {
+        let good = "{\"text\":\"hi\",\"label\":\"chat\",\"extra\":1}\n\n{\"text\":\"x\",\"label\":\"code\",\"source\":\"conala\"}\n";
+        let v = parse_jsonl(good).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].source, None);
+        assert_eq!(v[1].source.as_deref(), Some("conala"));
+        let bad = "{\"text\":\"hi\",\"label\":\"chat\"}\n{\"text\":\"oops\"}\n";
+        match parse_jsonl(bad) {
+            Err(ClassifierError::BadLine { line, .. }) => assert_eq!(line, 2),
+            other => panic!("expected BadLine, got {other:?}"),
+        }
+        let empty_label = "\n\n{\"text\":\"hi\",\"label\":\" \"}\n";
+        assert!(matches!(
+            parse_jsonl(empty_label),
+            Err(ClassifierError::BadLine { line: 3, .. })
+        ));
+        assert!(load_jsonl(Path::new("/nonexistent/triage/data.jsonl")).is_err());
+    }
+
+    #[test]
+    fn train_from_jsonl_writes_a_loadable_model() {
+        let dir = std::env::temp_dir().join(format!("triage-classify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = dir.join("train.jsonl");
+        let out = dir.join("model.bin");
+        let lines: Vec<String> = small_set()
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap())
+            .collect();
+        std::fs::write(&data, lines.join("\n")).unwrap();
+        let m = train_from_jsonl(&data, &out, &small_opts()).unwrap();
+        assert_eq!(EmbeddedClassifier::load(&out).unwrap(), m);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn default_model_loads_and_routes_obvious_prompts() {
+        let m = EmbeddedClassifier::default_model().unwrap();
+        for l in [
+            "chat",
+            "code",
+            "extraction",
+            "knowledge",
+            "math",
+            "reasoning",
+            "writing",
+        ] {
+            assert!(m.label_index(l).is_some(), "{l}");
+        }
+        for (text, want) in [
+            ("hi there! how are you today?", "chat"),
+            ("How do I reverse a list in Python?", "code"),
+            ("Solve for x: 3x + 7 = 22", "math"),
+            ("Write a short poem about autumn leaves.", "writing"),
+        ] {
+            let p = m.classify(text);
+            assert_eq!(m.label_name(p.label), Some(want), "{text}");
+        }
+    }
 }

@@ -75,13 +75,23 @@ pub fn report_from_confusion(
     let k = labels.len();
     let total: usize = confusion.iter().flatten().sum();
     let correct: usize = (0..k)
-        .map(|i| confusion.get(i).and_then(|r| r.get(i)).copied().unwrap_or(0))
+        .map(|i| {
+            confusion
+                .get(i)
+                .and_then(|r| r.get(i))
+                .copied()
+                .unwrap_or(0)
+        })
         .sum();
     let mut per_label = Vec::with_capacity(k);
     let mut f1_sum = 0.0;
     let mut f1_n = 0usize;
     for (i, label) in labels.iter().enumerate() {
-        let tp = confusion.get(i).and_then(|r| r.get(i)).copied().unwrap_or(0);
+        let tp = confusion
+            .get(i)
+            .and_then(|r| r.get(i))
+            .copied()
+            .unwrap_or(0);
         let support: usize = confusion.get(i).map(|r| r.iter().sum()).unwrap_or(0);
         let predicted: usize = confusion
             .iter()
@@ -155,7 +165,10 @@ impl fmt::Display for EvalReport {
                 m.support
             )?;
         }
-        writeln!(f, "confusion matrix (rows = true label, columns = predicted):")?;
+        writeln!(
+            f,
+            "confusion matrix (rows = true label, columns = predicted):"
+        )?;
         let col_w = self
             .confusion
             .iter()
@@ -187,7 +200,7 @@ fn truncate(s: &str, max: usize) -> String {
 /// Number of items out of `n` that go to the test side (at least one when `n >= 2` and
 /// the fraction is positive, never all of them).
 fn test_count(n: usize, test_fraction: f64) -> usize {
-    if n < 2 || !(test_fraction > 0.0) {
+    if n < 2 || test_fraction.is_nan() || test_fraction <= 0.0 {
         return 0;
     }
     let t = (n as f64 * test_fraction.min(1.0)).round() as usize;
@@ -258,4 +271,119 @@ fn partition(examples: &[Example], is_test: &[bool]) -> (Vec<Example>, Vec<Examp
         }
     }
     (train, test)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::classify::embedded::TrainOptions;
+
+    fn ex(text: &str, label: &str, source: Option<&str>) -> Example {
+        Example {
+            text: text.to_owned(),
+            label: label.to_owned(),
+            source: source.map(str::to_owned),
+        }
+    }
+
+    fn dataset() -> Vec<Example> {
+        let mut v = Vec::new();
+        for i in 0..50 {
+            v.push(ex(&format!("a{i}"), "a", Some(&format!("sa{}", i % 5))));
+        }
+        for i in 0..20 {
+            v.push(ex(&format!("b{i}"), "b", Some(&format!("sb{}", i % 10))));
+        }
+        for i in 0..7 {
+            v.push(ex(&format!("c{i}"), "c", Some("only")));
+        }
+        v
+    }
+
+    #[test]
+    fn metrics_from_confusion() {
+        // true a: 8 right, 2 as b; true b: 1 as a, 4 right.
+        let r = report_from_confusion(
+            vec!["a".into(), "b".into()],
+            vec![vec![8, 2], vec![1, 4]],
+            0,
+        );
+        assert_eq!(r.total, 15);
+        assert!((r.accuracy - 12.0 / 15.0).abs() < 1e-12);
+        let a = &r.per_label[0];
+        assert!((a.precision - 8.0 / 9.0).abs() < 1e-12);
+        assert!((a.recall - 0.8).abs() < 1e-12);
+        assert_eq!(a.support, 10);
+        let b = &r.per_label[1];
+        assert!((b.precision - 4.0 / 6.0).abs() < 1e-12);
+        assert!((b.recall - 0.8).abs() < 1e-12);
+        let f1 = |p: f64, r: f64| 2.0 * p * r / (p + r);
+        let want = (f1(8.0 / 9.0, 0.8) + f1(4.0 / 6.0, 0.8)) / 2.0;
+        assert!((r.macro_f1 - want).abs() < 1e-12);
+        let text = r.to_string();
+        assert!(text.contains("accuracy 0.8000"), "{text}");
+        assert!(text.contains("confusion matrix"));
+    }
+
+    #[test]
+    fn empty_report_is_zero_not_nan() {
+        let r = report_from_confusion(vec!["a".into(), "b".into()], vec![vec![0; 2]; 2], 3);
+        assert_eq!(r.accuracy, 0.0);
+        assert_eq!(r.macro_f1, 0.0);
+        assert!(r.to_string().contains("3 skipped"));
+    }
+
+    #[test]
+    fn stratified_split_is_deterministic_and_proportional() {
+        let d = dataset();
+        let (train, test) = stratified_split(&d, 0.2, 3);
+        assert_eq!(train.len() + test.len(), d.len());
+        let count = |v: &[Example], l: &str| v.iter().filter(|e| e.label == l).count();
+        assert_eq!(count(&test, "a"), 10);
+        assert_eq!(count(&test, "b"), 4);
+        assert_eq!(count(&test, "c"), 1);
+        assert_eq!(stratified_split(&d, 0.2, 3), (train.clone(), test.clone()));
+        assert_ne!(stratified_split(&d, 0.2, 4).1, test);
+        for e in &test {
+            assert!(!train.contains(e));
+        }
+    }
+
+    #[test]
+    fn source_holdout_keeps_groups_whole() {
+        let d = dataset();
+        let (train, test) = source_holdout_split(&d, 0.2, 1);
+        assert_eq!(train.len() + test.len(), d.len());
+        let sources = |v: &[Example]| -> BTreeSet<(String, Option<String>)> {
+            v.iter()
+                .map(|e| (e.label.clone(), e.source.clone()))
+                .collect()
+        };
+        let (tr, te) = (sources(&train), sources(&test));
+        assert!(tr.is_disjoint(&te));
+        // 20% of 5 sources of a, 20% of 10 sources of b, none of c's single source.
+        assert_eq!(te.iter().filter(|(l, _)| l == "a").count(), 1);
+        assert_eq!(te.iter().filter(|(l, _)| l == "b").count(), 2);
+        assert!(te.iter().all(|(l, _)| l != "c"));
+        assert_eq!(source_holdout_split(&d, 0.2, 1), (train, test));
+    }
+
+    #[test]
+    fn evaluate_counts_predictions() {
+        let mut data = Vec::new();
+        for i in 0..10 {
+            data.push(ex(&format!("the cat sat on mat {i}"), "cats", None));
+            data.push(ex(&format!("stock market price rose {i}"), "money", None));
+        }
+        let opts = TrainOptions::default();
+        let m = EmbeddedClassifier::train(&data, &opts).unwrap();
+        let mut test = data.clone();
+        test.push(ex("unknown", "dogs", None));
+        let r = evaluate(&m, &test);
+        assert_eq!(r.total, 20);
+        assert_eq!(r.skipped, 1);
+        assert_eq!(r.accuracy, 1.0);
+        assert_eq!(r.confusion, vec![vec![10, 0], vec![0, 10]]);
+    }
 }

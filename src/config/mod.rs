@@ -263,11 +263,40 @@ pub struct MetricsConfig {
 pub enum StoreConfig {
     Memory,
     Sqlite { state_dir: PathBuf },
+    /// Limits shared by every replica through Redis; each replica still appends its settlements
+    /// to its own SQLite ledger under `state_dir`.
+    Redis {
+        url: String,
+        on_unavailable: OnUnavailable,
+        key_prefix: String,
+        reservation_ttl: Duration,
+        timeout: Duration,
+        state_dir: PathBuf,
+    },
+}
+
+impl StoreConfig {
+    /// Where the durable spend ledger lives, if this store keeps one.
+    pub fn state_dir(&self) -> Option<&Path> {
+        match self {
+            StoreConfig::Memory => None,
+            StoreConfig::Sqlite { state_dir } | StoreConfig::Redis { state_dir, .. } => Some(state_dir),
+        }
+    }
+}
+
+/// What admission does while the shared store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Refuse with 503 `store_unavailable`.
+    FailClosed,
+    /// Enforce the same limits per replica, in memory.
+    FailOpen,
 }
 
 /// Converts USD (as written in the config) to integer nano-dollars, once, at load.
 pub fn usd_to_nanos(usd: f64) -> Option<u64> {
-    if !usd.is_finite() || usd < 0.0 || usd > 1.0e9 {
+    if !usd.is_finite() || !(0.0..=1.0e9).contains(&usd) {
         return None;
     }
     Some((usd * 1e9).round() as u64)
@@ -409,17 +438,7 @@ pub fn validate(
             v.err("metrics.listen", format!("not a socket address: {l:?}"));
         }
     }
-    let store = match raw.store.kind.as_deref() {
-        None | Some("sqlite") => StoreConfig::Sqlite {
-            // Relative to the working directory, like any server's data dir.
-            state_dir: PathBuf::from(raw.store.state_dir.as_deref().unwrap_or("state")),
-        },
-        Some("memory") => StoreConfig::Memory,
-        Some(other) => {
-            v.err("store.kind", format!("unknown store {other:?} (expected \"sqlite\" or \"memory\")"));
-            StoreConfig::Memory
-        }
-    };
+    let store = validate_store(&mut v, &raw.store, &providers);
 
     if !v.errors.is_empty() {
         return Err(ConfigErrors { errors: v.errors });
@@ -440,6 +459,87 @@ pub fn validate(
         warnings: v.warnings,
         base_dir: base_dir.to_path_buf(),
     })
+}
+
+fn validate_store(v: &mut V, raw: &RawStore, providers: &BTreeMap<String, Arc<ProviderConfig>>) -> StoreConfig {
+    // Relative to the working directory, like any server's data dir.
+    let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or("state"));
+    let kind = raw.kind.as_deref().unwrap_or("sqlite");
+    if kind != "redis" {
+        let redis_only = [
+            ("url", raw.url.is_some()),
+            ("on_unavailable", raw.on_unavailable.is_some()),
+            ("key_prefix", raw.key_prefix.is_some()),
+            ("reservation_ttl", raw.reservation_ttl.is_some()),
+            ("timeout", raw.timeout.is_some()),
+        ];
+        for (field, set) in redis_only {
+            if set {
+                v.err(format!("store.{field}"), "only applies to kind = \"redis\"");
+            }
+        }
+    }
+    match kind {
+        "sqlite" => StoreConfig::Sqlite { state_dir },
+        "memory" => StoreConfig::Memory,
+        "redis" => {
+            let url = match raw.url.as_deref() {
+                None => {
+                    v.err("store.url", "required for kind = \"redis\" (e.g. \"redis://127.0.0.1:6379/\")");
+                    String::new()
+                }
+                Some(u) if !(u.starts_with("redis://") || u.starts_with("redis+unix://") || u.starts_with("unix://")) => {
+                    v.err("store.url", format!("{u:?} is not a redis:// or unix:// URL (TLS is not supported)"));
+                    u.to_string()
+                }
+                Some(u) => {
+                    if let Err(e) = redis::Client::open(u) {
+                        v.err("store.url", format!("{u:?}: {e}"));
+                    }
+                    u.to_string()
+                }
+            };
+            let on_unavailable = match raw.on_unavailable.as_deref() {
+                None | Some("fail_closed") => OnUnavailable::FailClosed,
+                Some("fail_open") => OnUnavailable::FailOpen,
+                Some(other) => {
+                    v.err("store.on_unavailable", format!("unknown policy {other:?} (expected \"fail_closed\" or \"fail_open\")"));
+                    OnUnavailable::FailClosed
+                }
+            };
+            let key_prefix = raw.key_prefix.clone().unwrap_or_else(|| "triage".to_string());
+            if key_prefix.is_empty() || key_prefix.len() > 64 || !key_prefix.chars().all(|c| c.is_ascii_graphic() && c != '{' && c != '}') {
+                v.err("store.key_prefix", format!("{key_prefix:?}: 1 to 64 visible ASCII characters, no braces"));
+            }
+            let reservation_ttl = positive_duration(v, "store.reservation_ttl", raw.reservation_ttl, Duration::from_secs(600));
+            if reservation_ttl < Duration::from_secs(1) {
+                v.err("store.reservation_ttl", "must be at least 1s");
+            }
+            let timeout = positive_duration(v, "store.timeout", raw.timeout, Duration::from_millis(250));
+            // A reservation that expires while its request still runs frees budget too early.
+            if let Some((name, longest)) = providers.iter().map(|(n, p)| (n, p.total_timeout)).max_by_key(|(_, t)| *t) {
+                if longest > reservation_ttl {
+                    v.warnings.push(format!(
+                        "store.reservation_ttl: {} is shorter than providers.{name}.total_timeout ({}); requests running longer lose their reservation",
+                        humantime::format_duration(reservation_ttl),
+                        humantime::format_duration(longest)
+                    ));
+                }
+            }
+            StoreConfig::Redis {
+                url,
+                on_unavailable,
+                key_prefix,
+                reservation_ttl,
+                timeout,
+                state_dir,
+            }
+        }
+        other => {
+            v.err("store.kind", format!("unknown store {other:?} (expected \"sqlite\", \"memory\" or \"redis\")"));
+            StoreConfig::Memory
+        }
+    }
 }
 
 fn validate_server(v: &mut V, s: &RawServer) -> ServerConfig {

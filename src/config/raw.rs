@@ -303,7 +303,22 @@ pub struct RawMetrics {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
-    /// `sqlite` (default) or `memory` (nothing durable; tests and demos).
+    /// `sqlite` (default), `memory` (nothing durable; tests and demos) or `redis` (limits shared
+    /// by every replica; the spend ledger stays local under `state_dir`).
     pub kind: Option<String>,
     pub state_dir: Option<String>,
+    /// `redis`: server address, e.g. `redis://127.0.0.1:6379/`.
+    pub url: Option<String>,
+    /// `redis`: `fail_closed` (default: refuse with 503) or `fail_open` (local limits) while
+    /// Redis is unreachable.
+    pub on_unavailable: Option<String>,
+    /// `redis`: prefix of every key the gateway writes (default `triage`).
+    pub key_prefix: Option<String>,
+    /// `redis`: a reservation (and parallel slot) whose replica never settled it is released
+    /// after this long (default `10m`).
+    #[serde(default, with = "humantime_serde")]
+    pub reservation_ttl: Option<Duration>,
+    /// `redis`: connect, read and write timeout of one call (default `250ms`).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
 }

@@ -11,6 +11,7 @@ mod headers;
 mod memory;
 mod money;
 mod period;
+mod redis;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -26,6 +27,7 @@ pub use money::{
     NANOS_PER_USD,
 };
 pub use period::Period;
+pub use redis::{RedisLimiter, RedisSettings, RedisSetupError, StoreEvent, StoreEvents};
 
 /// Limits for one key or team; `None` means unlimited.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +175,9 @@ pub enum AdmitError {
     /// A limit refused the request.
     #[error("{}", .0.message())]
     Refused(Box<Refusal>),
+    /// The shared limit store cannot be reached and the policy is to refuse (`fail_closed`).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Invalid limit configuration.
@@ -328,7 +333,9 @@ pub struct KeyStatus {
     pub team: Option<SubjectStatus>,
 }
 
-/// Admission/settlement engine; the in-memory [`Limiter`] can be replaced by a shared one later.
+/// Admission/settlement engine: the in-memory [`Limiter`] (one replica) or [`RedisLimiter`]
+/// (limits shared by every replica). Synchronous on purpose: the in-memory path never awaits, and
+/// the Redis backend makes one short blocking round trip.
 pub trait LimitBackend: Send + Sync {
     /// Admits a request against the key and its team, or says which limit refused it.
     fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, AdmitError>;

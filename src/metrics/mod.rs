@@ -312,6 +312,9 @@ pub struct Metrics {
     sessions_active: IntGauge,
     session_limits: IntCounterVec,
     loops_detected: IntCounterVec,
+
+    store_unavailable: IntCounterVec,
+    store_up: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -620,6 +623,16 @@ impl Metrics {
                 &["action"],
             )?,
 
+            store_unavailable: r.counter(
+                "triage_store_unavailable_total",
+                "Shared-store calls that failed, by operation (admit|settle|status) and what happened instead (refused|local|queued|skipped).",
+                &["op", "outcome"],
+            )?,
+            store_up: r.int_gauge(
+                "triage_store_up",
+                "1 while the shared limit store (Redis) answers, 0 while it does not; 1 for local stores.",
+            )?,
+
             known: ArcSwap::from_pointee(KnownSets::from_names(known)),
             registry: r.registry,
             families: r.families,
@@ -867,6 +880,17 @@ impl Metrics {
     /// Counts a detected agent loop and the action taken (code-defined, e.g. "warn", "block").
     pub fn record_loop_detected(&self, action: &'static str) {
         inc(&self.loops_detected, &[action]);
+    }
+
+    /// Counts a shared-store call that failed: `op` is admit|settle|status, `outcome` what the
+    /// gateway did instead (refused|local|queued|skipped).
+    pub fn record_store_unavailable(&self, op: &'static str, outcome: &'static str) {
+        inc(&self.store_unavailable, &[op, outcome]);
+    }
+
+    /// Whether the shared limit store answers.
+    pub fn set_store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
     }
 }
 

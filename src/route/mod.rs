@@ -123,7 +123,7 @@ pub fn choose_tier(router: &RouterConfig, c: &Classification, input: &RuleInput<
 fn matches(w: &Condition, c: &Classification, input: &RuleInput<'_>) -> bool {
     let f = input.features;
     if let Some(ls) = &w.labels {
-        if !ls.iter().any(|l| *l == c.label) {
+        if !ls.contains(&c.label) {
             return false;
         }
     }
@@ -248,6 +248,11 @@ impl Health {
         if s.consecutive_failures >= after || was_probe {
             let wait = retry_after.map_or(cooldown, |r| r.max(cooldown));
             s.cooldown_until = Some(Instant::now() + wait);
+            return true;
+        }
+        // The provider said when to come back (Retry-After): stay away that long.
+        if let Some(r) = retry_after.filter(|r| !r.is_zero()) {
+            s.cooldown_until = Some(Instant::now() + r);
             return true;
         }
         false

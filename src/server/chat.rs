@@ -83,6 +83,24 @@ struct Meter {
     stream: bool,
     cache: CacheOutcome,
     request_id: Arc<str>,
+    /// Charged when the client leaves before the response ends: the prompt
+    /// already went upstream, and the provider bills it.
+    abandoned: Option<(Arc<ModelConfig>, Usage)>,
+    finished: bool,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut bill = Bill::default();
+        if let Some((m, u)) = self.abandoned.take() {
+            bill.add(&m, u);
+        }
+        tracing::info!(request_id = %self.request_id, "client left before the response ended; settling the prompt");
+        self.settle(499, &bill, None);
+    }
 }
 
 /// Spend and tokens of one finished request, per model actually billed.
@@ -124,6 +142,24 @@ pub fn cost_of(m: &ModelConfig, u: &Usage) -> u64 {
 impl Meter {
     /// Step 11: settle spend and tokens, record metrics, update the session.
     fn finish(mut self, status: u16, bill: &Bill, first_byte: Option<Duration>) {
+        self.settle(status, bill, first_byte);
+    }
+
+    /// Remembers what to charge if the request is abandoned from here on.
+    fn on_abandon(&mut self, model: Option<&Arc<ModelConfig>>, prompt_tokens: u64, calls: u32) {
+        self.abandoned = model.map(|m| {
+            let u = Usage {
+                prompt_tokens: prompt_tokens.saturating_mul(u64::from(calls.max(1))),
+                completion_tokens: 0,
+                cached_tokens: 0,
+                estimated: true,
+            };
+            (m.clone(), u)
+        });
+    }
+
+    fn settle(&mut self, status: u16, bill: &Bill, first_byte: Option<Duration>) {
+        self.finished = true;
         let usage = bill.usage();
         let cost = bill.cost();
         let model = if self.model.is_empty() { "" } else { self.model.as_str() };
@@ -277,7 +313,11 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
         stream: chat.stream,
         cache: cache_outcome,
         request_id: rid.clone(),
+        abandoned: None,
+        finished: false,
     };
+    let calls = plan.vote.as_ref().map_or(1, |v| v.cfg.n);
+    meter.on_abandon(plan.candidates.first().map(|c| &c.model), chat.features.prompt_tokens, calls);
     facts.metered = true;
     let mut bill = Bill::default();
     if let Some((m, u)) = &plan.classification_bill {
@@ -471,20 +511,22 @@ async fn check_guards(
     if rt.guards.is_empty() {
         return Ok(out);
     }
-    let mut scopes: Vec<&Arc<Guard>> = Vec::new();
+    // Each guard counts its sessions under its own scope: a router guard and a key
+    // guard seeing the same session id must not share (and double-count) one entry.
+    let caller_scope = caller.name().map_or_else(|| "anonymous".to_string(), |k| format!("key:{k}"));
+    let mut scopes: Vec<(&Arc<Guard>, String)> = Vec::new();
     if let Target::Router(r) = target {
         if let Some(g) = rt.guards.get(&format!("router:{}", r.name)) {
-            scopes.push(g);
+            scopes.push((g, format!("router:{}|{caller_scope}", r.name)));
         }
     }
     if let Some(k) = caller.name() {
         if let Some(g) = rt.guards.get(&format!("key:{k}")) {
-            scopes.push(g);
+            scopes.push((g, caller_scope.clone()));
         }
     }
     let body = Value::Object(chat.body.clone());
-    let scope_name = caller.name().unwrap_or("anonymous");
-    for g in scopes {
+    for (g, scope_name) in scopes {
         if let Some(finding) = g.detect_loop(&body) {
             let action = finding.action;
             app.metrics.record_loop_detected(action.as_str());
@@ -496,6 +538,10 @@ async fn check_guards(
                         "invalid_request_error",
                         Some("loop_detected"),
                         format!("The conversation repeats itself ({}); refusing to call the model again.", finding.header_value()),
+                    )
+                    .with_header(
+                        HeaderName::from_static(crate::guard::LOOP_HEADER),
+                        HeaderValue::from_str(&finding.header_value()).unwrap_or(HeaderValue::from_static("repeated")),
                     ))
                 }
                 LoopAction::Escalate => out.escalate = true,
@@ -503,7 +549,7 @@ async fn check_guards(
             }
         }
         let hv = headers.get(g.config().session_header.as_str()).and_then(|v| v.to_str().ok());
-        let Some(sk) = g.session_key(scope_name, hv, Some(&body)) else {
+        let Some(sk) = g.session_key(&scope_name, hv, Some(&body)) else {
             continue;
         };
         match g.check(Some(&sk), SystemTime::now()).await {
@@ -677,6 +723,11 @@ fn admit(app: &AppState, caller: &Caller, est_tokens: u64, reserve: u64) -> Resu
     }) {
         Ok(a) => Ok(Some(a)),
         Err(AdmitError::UnknownKey(_)) => Ok(None),
+        Err(AdmitError::Unavailable(msg)) => {
+            tracing::debug!(key, "refused: the shared limit store is unavailable (fail_closed)");
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", Some("store_unavailable"), msg)
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")))
+        }
         Err(AdmitError::Refused(r)) => {
             let kind = match r.kind {
                 limits::RefusalKind::Rpm => LimitKind::Rpm,
@@ -778,6 +829,8 @@ fn serve_hit(
         stream: chat.stream,
         cache: CacheOutcome::Hit,
         request_id: rid.clone(),
+        abandoned: None,
+        finished: false,
     };
     facts.metered = true;
     let resp = if chat.stream {
@@ -799,6 +852,7 @@ fn serve_hit(
 }
 
 /// One non-streamed upstream call for a vote, judge or cascade step.
+#[allow(clippy::too_many_arguments)]
 async fn call_once(
     app: &AppState,
     rt: &Runtime,

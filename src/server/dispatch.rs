@@ -38,10 +38,13 @@ pub async fn dispatch(
     let metrics = &app.metrics;
     for cand in candidates {
         let m = &cand.model;
-        if app.health.admit(&m.name) == Admit::CoolingDown {
+        let admit = app.health.admit(&m.name);
+        if admit == Admit::CoolingDown {
             skipped += 1;
             continue;
         }
+        // A probe abandoned before its verdict (client gone) gives its slot back.
+        let _probe = (admit == Admit::Probe).then(|| ProbeSlot(&app.health, &m.name));
         let Some(provider) = rt.provider(&m.provider) else {
             continue;
         };
@@ -129,6 +132,15 @@ pub async fn dispatch(
             ApiError::unavailable(format!("No deployment of {what} is available."))
         }
     }))
+}
+
+/// Releases a half-open probe slot on drop; harmless after success/failure.
+struct ProbeSlot<'a>(&'a crate::route::Health, &'a str);
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.release_probe(self.1);
+    }
 }
 
 fn upstream_error(model: &str, e: &UpstreamError) -> ApiError {

@@ -216,10 +216,16 @@ pub async fn serve(state: Arc<AppState>, listener: TcpListener, signal: impl std
                 };
                 let _ = stream.set_nodelay(true);
                 let svc = hyper_util::service::TowerToHyperService::new(service.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    // hyper's header timer starts once the protocol is known: a
+                    // client that sends nothing must not hold the socket forever.
+                    if !request_started(&stream, header_timeout).await {
+                        return;
+                    }
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });
@@ -234,6 +240,24 @@ pub async fn serve(state: Arc<AppState>, listener: TcpListener, signal: impl std
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!("grace period over; cutting remaining connections"),
     }
+}
+
+/// Waits (up to `limit`) until the client has sent enough to tell HTTP/1
+/// from the HTTP/2 preface; false on timeout or EOF.
+async fn request_started(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    let wait = async {
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n >= H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] => return true,
+                // Part of the HTTP/2 preface so far: wait for the rest.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    tokio::time::timeout(limit, wait).await.unwrap_or(false)
 }
 
 /// Serves only `/metrics` (for `metrics.listen`, so it need not be public).

@@ -5,9 +5,11 @@
 use crate::auth::KeyTable;
 use crate::cache::ResponseCache;
 use crate::classify::embedded::EmbeddedClassifier;
-use crate::config::{BudgetPeriodKind, ClassifierKind, Config, StoreConfig};
+use crate::config::{BudgetPeriodKind, ClassifierKind, Config, OnUnavailable, StoreConfig};
 use crate::guard::{Guard, MemoryStore, SessionStore};
-use crate::limits::{KeySpec, LimitBackend, LimitSpec, LimitSpecs, Limiter, Period};
+use crate::limits::{
+    KeySpec, LimitBackend, LimitSpec, LimitSpecs, Limiter, Period, RedisLimiter, RedisSettings, StoreEvent, StoreEvents,
+};
 use crate::metrics::{KnownNames, Metrics};
 use crate::route::Health;
 use crate::store::{SpendLedger, SqliteLedger};
@@ -189,26 +191,24 @@ impl AppState {
         for m in config.models.keys() {
             metrics.set_deployment_healthy(m, true);
         }
-        let ledger = match &config.store {
-            StoreConfig::Sqlite { state_dir } => Some(Arc::new(
+        let metrics = Arc::new(metrics);
+        metrics.set_store_up(true);
+        let ledger = match config.store.state_dir() {
+            Some(state_dir) => Some(Arc::new(
                 SqliteLedger::open(state_dir).map_err(|e| StartupError::Other(format!("store.state_dir: {e}")))?,
             )),
-            StoreConfig::Memory => None,
+            None => None,
         };
         let dyn_ledger: Option<Arc<dyn SpendLedger>> = ledger.clone().map(|l| l as Arc<dyn SpendLedger>);
-        let limiter = Limiter::new(&limit_specs(&config), crate::limits::Clock::system(), dyn_ledger)
-            .map_err(|e| StartupError::Other(format!("keys: {e}")))?;
-        limiter
-            .load_spend_from_ledger()
-            .map_err(|e| StartupError::Other(format!("loading spend from the ledger: {e}")))?;
+        let limiter = build_limiter(&config, dyn_ledger, &metrics)?;
         let cache = build_cache(&config);
         let runtime = Runtime::build(config, &sessions)?;
         Ok(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             health: Health::default(),
             ready: AtomicBool::new(false),
-            metrics: Arc::new(metrics),
-            limiter: Arc::new(limiter),
+            metrics,
+            limiter,
             ledger,
             cache: ArcSwap::from_pointee(cache),
             sessions,
@@ -244,6 +244,53 @@ impl AppState {
             }
         }
     }
+}
+
+/// The limiter for `[store]`: in memory, or shared through Redis.
+fn build_limiter(
+    config: &Config,
+    ledger: Option<Arc<dyn SpendLedger>>,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn LimitBackend>, StartupError> {
+    let specs = limit_specs(config);
+    if let StoreConfig::Redis {
+        url,
+        on_unavailable,
+        key_prefix,
+        reservation_ttl,
+        timeout,
+        ..
+    } = &config.store
+    {
+        let settings = RedisSettings {
+            url: url.clone(),
+            key_prefix: key_prefix.clone(),
+            reservation_ttl: *reservation_ttl,
+            timeout: *timeout,
+            fail_open: *on_unavailable == OnUnavailable::FailOpen,
+            per_subject_calls: false,
+        };
+        let m = metrics.clone();
+        let events: StoreEvents = Arc::new(move |e| match e {
+            StoreEvent::Unavailable { op, outcome } => m.record_store_unavailable(op, outcome),
+            StoreEvent::Up(up) => m.set_store_up(up),
+        });
+        let limiter = RedisLimiter::new(&specs, settings, ledger, Some(events)).map_err(|e| StartupError::Other(format!("store: {e}")))?;
+        limiter
+            .load_fallback_spend()
+            .map_err(|e| StartupError::Other(format!("loading spend from the ledger: {e}")))?;
+        // Redis may come up after the gateway; until then the unavailability policy applies.
+        match limiter.ping() {
+            Ok(()) => tracing::info!(url = %url, "redis limit store connected"),
+            Err(e) => tracing::warn!(url = %url, error = %e, "redis limit store not reachable yet"),
+        }
+        return Ok(Arc::new(limiter));
+    }
+    let limiter = Limiter::new(&specs, crate::limits::Clock::system(), ledger).map_err(|e| StartupError::Other(format!("keys: {e}")))?;
+    limiter
+        .load_spend_from_ledger()
+        .map_err(|e| StartupError::Other(format!("loading spend from the ledger: {e}")))?;
+    Ok(Arc::new(limiter))
 }
 
 fn build_cache(config: &Config) -> Option<ResponseCache> {

@@ -55,7 +55,9 @@ pub struct MockUpstream {
 }
 
 impl MockUpstream {
-    pub async fn start(script: impl Fn(&Value, usize) -> Reply + Send + Sync + 'static) -> MockUpstream {
+    pub async fn start(
+        script: impl Fn(&Value, usize) -> Reply + Send + Sync + 'static,
+    ) -> MockUpstream {
         let state = Arc::new(MockState {
             calls: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
@@ -74,7 +76,10 @@ impl MockUpstream {
         tokio::spawn(async move {
             axum::serve(listener, app).await.ok();
         });
-        MockUpstream { url: format!("http://{addr}/v1"), state }
+        MockUpstream {
+            url: format!("http://{addr}/v1"),
+            state,
+        }
     }
 
     pub async fn echo() -> MockUpstream {
@@ -90,11 +95,23 @@ impl MockUpstream {
     }
 
     pub fn calls_for(&self, model: &str) -> usize {
-        self.state.per_model.lock().unwrap().get(model).copied().unwrap_or(0)
+        self.state
+            .per_model
+            .lock()
+            .unwrap()
+            .get(model)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn last_request(&self) -> Value {
-        self.state.requests.lock().unwrap().last().cloned().unwrap_or(Value::Null)
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or(Value::Null)
     }
 }
 
@@ -121,7 +138,11 @@ async fn handle(State(st): State<Arc<MockState>>, body: Bytes) -> Response {
     respond(st, v, reply).await
 }
 
-fn respond(st: Arc<MockState>, v: Value, reply: Reply) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+fn respond(
+    st: Arc<MockState>,
+    v: Value,
+    reply: Reply,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
     Box::pin(async move {
         match reply {
             Reply::Delay(d, inner) => {
@@ -176,7 +197,11 @@ fn answer(st: Arc<MockState>, req: &Value, text: String, gap: Duration) -> Respo
     let model = req["model"].as_str().unwrap_or("m").to_string();
     let prompt_tokens: u64 = req["messages"]
         .as_array()
-        .map(|ms| ms.iter().map(|m| tokens(m["content"].as_str().unwrap_or(""))).sum())
+        .map(|ms| {
+            ms.iter()
+                .map(|m| tokens(m["content"].as_str().unwrap_or("")))
+                .sum()
+        })
         .unwrap_or(0)
         + 1;
     let completion_tokens = tokens(&text).max(1);
@@ -192,10 +217,24 @@ fn answer(st: Arc<MockState>, req: &Value, text: String, gap: Duration) -> Respo
         .into_response();
     }
     let with_usage = req["stream_options"]["include_usage"] == json!(true);
-    let mut pieces = vec![chunk(&model, json!({"role": "assistant", "content": ""}), Value::Null, with_usage)];
+    let mut pieces = vec![chunk(
+        &model,
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+        with_usage,
+    )];
     for (i, w) in text.split(' ').enumerate() {
-        let w = if i == 0 { w.to_string() } else { format!(" {w}") };
-        pieces.push(chunk(&model, json!({"content": w}), Value::Null, with_usage));
+        let w = if i == 0 {
+            w.to_string()
+        } else {
+            format!(" {w}")
+        };
+        pieces.push(chunk(
+            &model,
+            json!({"content": w}),
+            Value::Null,
+            with_usage,
+        ));
     }
     pieces.push(chunk(&model, json!({}), json!("stop"), with_usage));
     if with_usage {
@@ -206,15 +245,21 @@ fn answer(st: Arc<MockState>, req: &Value, text: String, gap: Duration) -> Respo
     }
     pieces.push("data: [DONE]\n\n".to_string());
     let guard = DropGuard(st, false);
-    let s = futures::stream::unfold((pieces.into_iter(), guard, true), move |(mut it, mut g, first)| async move {
-        let p = it.next()?;
-        if !first && !gap.is_zero() {
-            tokio::time::sleep(gap).await;
-        }
-        g.1 = it.len() == 0;
-        Some((Ok::<_, std::io::Error>(Bytes::from(p)), (it, g, false)))
-    });
-    Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(s)).unwrap()
+    let s = futures::stream::unfold(
+        (pieces.into_iter(), guard, true),
+        move |(mut it, mut g, first)| async move {
+            let p = it.next()?;
+            if !first && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+            g.1 = it.len() == 0;
+            Some((Ok::<_, std::io::Error>(Bytes::from(p)), (it, g, false)))
+        },
+    );
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(s))
+        .unwrap()
 }
 
 fn chunk(model: &str, delta: Value, finish: Value, with_usage: bool) -> String {
@@ -291,8 +336,13 @@ pub fn openai(gw: &Gateway) -> async_openai::Client<async_openai::config::OpenAI
     openai_with_key(gw, KEY)
 }
 
-pub fn openai_with_key(gw: &Gateway, key: &str) -> async_openai::Client<async_openai::config::OpenAIConfig> {
-    let cfg = async_openai::config::OpenAIConfig::new().with_api_base(gw.base_url()).with_api_key(key);
+pub fn openai_with_key(
+    gw: &Gateway,
+    key: &str,
+) -> async_openai::Client<async_openai::config::OpenAIConfig> {
+    let cfg = async_openai::config::OpenAIConfig::new()
+        .with_api_base(gw.base_url())
+        .with_api_key(key);
     async_openai::Client::with_config(cfg)
 }
 
@@ -305,7 +355,11 @@ pub async fn post_chat(gw: &Gateway, body: Value) -> (u16, reqwest::header::Head
     post_chat_as(gw, KEY, body).await
 }
 
-pub async fn post_chat_as(gw: &Gateway, key: &str, body: Value) -> (u16, reqwest::header::HeaderMap, String) {
+pub async fn post_chat_as(
+    gw: &Gateway,
+    key: &str,
+    body: Value,
+) -> (u16, reqwest::header::HeaderMap, String) {
     let r = http()
         .post(format!("{}/chat/completions", gw.base_url()))
         .bearer_auth(key)
@@ -325,7 +379,10 @@ pub fn user(text: &str) -> Value {
 /// SSE `data:` payloads of a body, in order.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
-        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ").map(str::to_string)))
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        })
         .collect()
 }
 
@@ -335,7 +392,11 @@ pub fn sse_content(body: &str) -> String {
         .iter()
         .filter(|d| *d != "[DONE]")
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect()
 }
 
