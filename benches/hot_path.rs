@@ -4,7 +4,9 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use serde_json::json;
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::Path;
 use std::time::Instant;
 use triage::classify::embedded::EmbeddedClassifier;
@@ -13,6 +15,37 @@ use triage::limits::{AdmitRequest, Clock, KeySpec, LimitSpec, LimitSpecs, Limite
 use triage::route::{choose_tier, tier_candidates, Classification, Health, RuleInput};
 use triage::server::request::parse_chat;
 use triage::server::stream::SseForwarder;
+
+/// Counts heap allocations so the report can show what each hot path allocates.
+struct Counting;
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations per call of `f`, averaged over 100 calls after a warm-up.
+fn allocs_per_call(mut f: impl FnMut()) -> f64 {
+    f();
+    let before = ALLOCS.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        f();
+    }
+    (ALLOCS.load(Ordering::Relaxed) - before) as f64 / 100.0
+}
 
 fn prompt(chars: usize) -> String {
     let base = "Please review this Rust function and explain why the borrow checker rejects it, then suggest a fix that keeps the API unchanged. ";
@@ -114,6 +147,40 @@ fn bench(c: &mut Criterion) {
         )
     });
     g.finish();
+
+    // The cache hit path without HTTP: key, lookup, replay.
+    let cache = triage::cache::ResponseCache::new(triage::cache::CacheConfig::new(1 << 24, std::time::Duration::from_secs(600)));
+    let key = triage::cache::cache_key("demo", "auto", &chat.body);
+    let completion = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": prompt(400)}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 500, "completion_tokens": 100, "total_tokens": 600}});
+    rt.block_on(cache.insert(key, std::sync::Arc::new(triage::cache::Entry::from_completion(&completion).unwrap()), None));
+    let hit = || {
+        rt.block_on(async {
+            let k = triage::cache::cache_key("demo", "auto", &chat.body);
+            match cache.lookup(k, triage::cache::CacheMode::Use).await {
+                triage::cache::Lookup::Hit(e) => e.replay_completion("chatcmpl-x", 1).unwrap().len(),
+                _ => 0,
+            }
+        })
+    };
+    assert!(hit() > 0, "the entry must be a hit");
+    c.bench_function("cache_hit_key_lookup_replay", |b| b.iter(hit));
+
+    eprintln!("\nallocations per call:");
+    eprintln!("  parse_chat_2kB               {:>6.1}", allocs_per_call(|| drop(parse_chat(&body))));
+    eprintln!("  classify_embedded_2000_chars {:>6.1}", allocs_per_call(|| drop(model.classify(&p2000))));
+    eprintln!("  route_decision               {:>6.1}", allocs_per_call(|| {
+        let input = RuleInput { features: &chat.features, key: Some("demo"), headers: &headers };
+        let (tier, _) = choose_tier(&router, &cls, &input);
+        drop(tier_candidates(&cfg, &tier, &health));
+    }));
+    eprintln!("  cache_key_2kB                {:>6.1}", allocs_per_call(|| drop(triage::cache::cache_key("demo", "auto", &chat.body))));
+    eprintln!("  limits_admit_and_settle      {:>6.1}", allocs_per_call(|| {
+        let a = limiter.admit(&AdmitRequest { key: "demo", est_tokens: 500, reserve_nanos: 10_000 }).unwrap();
+        a.settle(&Settlement { model: "m", request_id: "r", prompt_tokens: 500, completion_tokens: 100, cached_tokens: 0, cost_nanos: 5_000, estimated: false });
+    }));
+    eprintln!("  cache_hit_key_lookup_replay  {:>6.1}", allocs_per_call(|| drop(hit())));
 }
 
 criterion_group!(benches, bench);

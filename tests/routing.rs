@@ -798,7 +798,7 @@ tier = "small"
 // ---------------------------------------------------------------------------
 // LLM classifier
 
-fn llm_extra() -> String {
+fn llm_extra(timeout: &str) -> String {
     format!(
         r#"{}
 [models.cls]
@@ -808,7 +808,7 @@ price = {{ input = 1.0, output = 2.0 }}
 [routers.llm]
 classifier = "llm"
 classifier_model = "cls"
-classifier_timeout = "300ms"
+classifier_timeout = "{timeout}"
 unknown_tier = "mid"
 [[routers.llm.rules]]
 when = {{ label = "code" }}
@@ -849,7 +849,7 @@ fn llm_label_script(req: &Value, _: usize) -> Reply {
 #[tokio::test]
 async fn llm_classifier_routes_by_label_bills_and_caches_verdicts() {
     let up = MockUpstream::start(llm_label_script).await;
-    let gw = start_gateway(&config(&up.url, &llm_extra())).await;
+    let gw = start_gateway(&config(&up.url, &llm_extra("2s"))).await;
     let cls = "cls-upstream";
 
     let rt = route_text(&gw, "llm", "write python to sort a list").await;
@@ -955,11 +955,11 @@ async fn llm_classifier_routes_by_label_bills_and_caches_verdicts() {
 #[tokio::test]
 async fn llm_classifier_failures_go_to_unknown_tier() {
     let up = MockUpstream::start(classifier_says(Reply::Delay(
-        Duration::from_millis(1500),
+        Duration::from_millis(2500),
         Box::new(Reply::Content(r#"{"label": "code"}"#.into())),
     )))
     .await;
-    let gw = start_gateway(&config(&up.url, &llm_extra())).await;
+    let gw = start_gateway(&config(&up.url, &llm_extra("500ms"))).await;
     let cls = "cls-upstream";
     let failed = |rt: &HashMap<String, String>| {
         assert_eq!(
@@ -974,7 +974,7 @@ async fn llm_classifier_failures_go_to_unknown_tier() {
         );
     };
 
-    // Timeout: the classifier answers after classifier_timeout (300ms).
+    // Timeout: the classifier answers after classifier_timeout (500ms).
     let rt = route_text(&gw, "llm", "python timeout case").await;
     failed(&rt);
     assert_eq!(up.calls_for(cls), 1);
@@ -1686,7 +1686,7 @@ cooldown = "300ms"
 [routers.llm]
 classifier = "llm"
 classifier_model = "fast"
-classifier_timeout = "300ms"
+classifier_timeout = "500ms"
 unknown_tier = "pool"
 [[routers.llm.rules]]
 when = { label = "chat" }

@@ -145,7 +145,12 @@ pub enum ClassifierKind {
         timeout: Duration,
     },
     Rules,
+    /// No classification: rules see the label `none` with full confidence.
+    None,
 }
+
+/// The label of routers with `classifier = "none"`.
+pub const NONE_LABEL: &str = "none";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputMode {
@@ -771,6 +776,7 @@ fn validate_routers(
         let classifier = match r.classifier.as_deref() {
             None | Some("embedded") => ClassifierKind::Embedded(None),
             Some("rules") => ClassifierKind::Rules,
+            Some("none") => ClassifierKind::None,
             Some("llm") => match &r.classifier_model {
                 Some(m) if models.contains_key(m) => ClassifierKind::Llm {
                     model: m.clone(),
@@ -789,7 +795,7 @@ fn validate_routers(
                 ClassifierKind::Embedded(Some(custom.to_string()))
             }
             Some(other) => {
-                v.err(format!("{path}.classifier"), format!("unknown classifier {other:?} (expected embedded, llm, rules or a [classifiers.NAME])"));
+                v.err(format!("{path}.classifier"), format!("unknown classifier {other:?} (expected embedded, llm, rules, none or a [classifiers.NAME])"));
                 ClassifierKind::Rules
             }
         };
@@ -804,6 +810,7 @@ fn validate_routers(
                 }
             }
             ClassifierKind::Rules if !r.keywords.is_empty() => r.keywords.keys().cloned().collect(),
+            ClassifierKind::None => vec![NONE_LABEL.to_string()],
             _ => DEFAULT_LABELS.iter().map(|s| s.to_string()).collect(),
         };
         let mut keywords = Vec::new();

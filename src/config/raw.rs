@@ -154,7 +154,7 @@ pub struct RawTier {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouter {
-    /// `embedded` (default), `llm`, `rules`, or the name of a `[classifiers.X]`.
+    /// `embedded` (default), `llm`, `rules`, `none`, or the name of a `[classifiers.X]`.
     pub classifier: Option<String>,
     pub min_confidence: Option<f64>,
     pub unknown_tier: String,
@@ -165,9 +165,9 @@ pub struct RawRouter {
     pub classifier_model: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub classifier_timeout: Option<Duration>,
-    /// `rules` classifier (and hints for the others): label -> keywords / regexes.
+    /// `rules` classifier: label -> regexes, tried in the order written.
     #[serde(default)]
-    pub keywords: BTreeMap<String, Vec<String>>,
+    pub keywords: indexmap::IndexMap<String, Vec<String>>,
     pub cache: Option<RawCacheOverride>,
     pub vote: Option<crate::vote::VoteConfig>,
     pub cascade: Option<crate::vote::CascadeConfig>,

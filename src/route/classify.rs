@@ -72,6 +72,12 @@ fn unknown(failed: bool) -> Classification {
 pub async fn classify(app: &AppState, rt: &Runtime, router: &RouterConfig, chat: &ChatRequest) -> Classification {
     let text = input_text(router.input, chat);
     match &router.classifier {
+        ClassifierKind::None => Classification {
+            label: crate::config::NONE_LABEL.to_string(),
+            confidence: 1.0,
+            failed: false,
+            bill: None,
+        },
         ClassifierKind::Rules => classify_rules(router, &text),
         ClassifierKind::Embedded(name) => {
             let Some(model) = rt.classifiers.get(name.as_deref().unwrap_or("")) else {
@@ -183,6 +189,19 @@ fn describe(label: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyword_labels_are_tried_in_the_order_written() {
+        let text = "auth = \"none\"\n[store]\nkind = \"memory\"\n[providers.p]\nkind = \"mock\"\n[models.m]\nprovider = \"p\"\n[tiers.t]\nmodels = [\"m\"]\n[routers.r]\nclassifier = \"rules\"\nunknown_tier = \"t\"\nkeywords = { math = [\"\\\\d\\\\s*[+]\\\\s*\\\\d\"], chat = [\".\"] }\n[[routers.r.rules]]\ntier = \"t\"\n";
+        let cfg = crate::config::Config::parse(text, std::path::Path::new("."));
+        let cfg = match cfg {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let r = &cfg.routers["r"];
+        assert_eq!(classify_rules(r, "what is 2 + 2").label, "math");
+        assert_eq!(classify_rules(r, "hello").label, "chat");
+    }
 
     #[test]
     fn parses_labels_from_llm_answers() {

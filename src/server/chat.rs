@@ -657,6 +657,7 @@ fn classifier_kind(r: &RouterConfig) -> &'static str {
         crate::config::ClassifierKind::Embedded(_) => "embedded",
         crate::config::ClassifierKind::Llm { .. } => "llm",
         crate::config::ClassifierKind::Rules => "rules",
+        crate::config::ClassifierKind::None => "none",
     }
 }
 
