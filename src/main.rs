@@ -289,16 +289,65 @@ fn spend(config: &std::path::Path, key: Option<&str>, period: &str) -> ExitCode 
     }
 }
 
-fn init_logging(json: bool, level: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
+/// Logs (and, with the `otel` feature and OTEL_EXPORTER_OTLP_ENDPOINT set, OTLP
+/// traces: one span per request with classify/upstream/vote children).
+fn init_logging(json: bool, level: Option<&str>) -> Option<Telemetry> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().flatten_event(true).init();
+    let fmt = if json {
+        tracing_subscriber::fmt::layer().json().flatten_event(true).boxed()
     } else {
-        builder.init();
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otel")]
+    if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+        match otel::layer() {
+            Ok((layer, provider)) => {
+                registry.with(layer).init();
+                return Some(Telemetry(provider));
+            }
+            Err(e) => eprintln!("warning: OTLP export disabled: {e}"),
+        }
+    }
+    registry.init();
+    None
+}
+
+/// Flushes exported spans when dropped at shutdown.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+struct Telemetry(#[cfg(feature = "otel")] opentelemetry_sdk::trace::SdkTracerProvider);
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        #[cfg(feature = "otel")]
+        let _ = self.0.shutdown();
+    }
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+
+    pub fn layer<S>() -> Result<(tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>, SdkTracerProvider), String>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name("triage").build())
+            .build();
+        let tracer = provider.tracer("triage");
+        Ok((tracing_opentelemetry::layer().with_tracer(tracer), provider))
     }
 }
 
@@ -328,7 +377,7 @@ async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> {
     let cfg = triage::config::Config::load(&path).map_err(|e| {
         format!("{} is not valid:\n{e}", path.display())
     })?;
-    init_logging(cfg.server.log_json, cfg.server.log_level.as_deref());
+    let _telemetry = init_logging(cfg.server.log_json, cfg.server.log_level.as_deref());
     for w in &cfg.warnings {
         tracing::warn!("config: {w}");
     }

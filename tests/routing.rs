@@ -1219,7 +1219,9 @@ async fn cooldown_after_consecutive_failures_skips_without_a_call() {
     let n2 = n.clone();
     let up = MockUpstream::start(move |req, _| {
         if req["model"] == "fast-upstream"
-            && n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 0
+            && n2
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                .is_multiple_of(2)
         {
             down(503)
         } else {

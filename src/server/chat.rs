@@ -27,6 +27,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::Instrument;
 
 /// Largest non-streaming upstream answer we accept.
 pub const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
@@ -332,7 +333,9 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
         return run_cascade(app, &rt, &chat, plan, c, meter, bill, extra_headers, fill, facts).await;
     }
     let mut decision = plan.decision;
-    let dispatched = dispatch(app, &rt, &plan.candidates, "/chat/completions", |m| upstream_body(&chat, m), decision.tier.as_deref()).await;
+    let dispatched = dispatch(app, &rt, &plan.candidates, "/chat/completions", |m| upstream_body(&chat, m), decision.tier.as_deref())
+        .instrument(tracing::info_span!("upstream", tier = decision.tier.as_deref().unwrap_or("-")))
+        .await;
     let Dispatched {
         candidate,
         response,
@@ -599,7 +602,9 @@ async fn plan_route(
         },
         Target::Router(r) => {
             let t0 = Instant::now();
-            let c: Classification = route::classify::classify(app, rt, r, chat).await;
+            let c: Classification = route::classify::classify(app, rt, r, chat)
+                .instrument(tracing::info_span!("classify", router = %r.name))
+                .await;
             let unknown = if c.failed {
                 Some(crate::metrics::UnknownReason::Failure)
             } else if c.label != crate::config::UNKNOWN_LABEL && c.confidence < r.min_confidence {
@@ -949,6 +954,7 @@ async fn run_vote(
         let tier = tier.clone();
         async move { call_once(app, rt, chat, &candidates, spec.temperature, spec.messages, tier.as_deref(), served).await }
     })
+    .instrument(tracing::info_span!("vote", n = v.cfg.n))
     .await;
     let wait = t0.elapsed();
     meter.upstream_wait = wait;
@@ -1027,6 +1033,7 @@ async fn run_cascade(
         let served = &served;
         async move { call_once(app, rt, chat, &candidates, None, None, Some(&tier_name), served).await }
     })
+    .instrument(tracing::info_span!("cascade"))
     .await;
     let wait = t0.elapsed();
     meter.upstream_wait = wait;

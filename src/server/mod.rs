@@ -116,7 +116,10 @@ async fn access_log(mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
-    let mut resp = next.run(req).await;
+    // One span per request; classify/upstream/vote are its children (exported
+    // over OTLP with the `otel` feature).
+    let span = tracing::info_span!("request", request_id = %id, method = %method, path = %path);
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
