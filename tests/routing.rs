@@ -1722,3 +1722,27 @@ tier = "pool"
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn refused_requests_make_no_llm_classifier_call() {
+    let up = MockUpstream::start(llm_label_script).await;
+    let extra = format!(
+        "{}\n[keys.limited]\nkey_sha256 = \"{}\"\nrpm = 1\n",
+        llm_extra("2s"),
+        sha("sk-limited")
+    );
+    let gw = start_gateway(&config(&up.url, &extra)).await;
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let (status, _, _) = post_chat_as(
+            &gw,
+            "sk-limited",
+            json!({"model": "llm", "messages": user(&format!("write python number {i}"))}),
+        )
+        .await;
+        statuses.push(status);
+    }
+    assert_eq!(statuses, vec![200, 429, 429]);
+    assert_eq!(up.calls_for("cls-upstream"), 1, "refused requests must not reach the classifier");
+    gw.shutdown().await;
+}

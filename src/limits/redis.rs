@@ -413,9 +413,21 @@ impl Inner {
     }
 }
 
+/// A refusal as the `admit` script reports it.
+struct ScriptRefusal {
+    kind: RefusalKind,
+    /// Index of the refusing subject within the call.
+    idx: usize,
+    wait: Duration,
+    limit: u64,
+    used: u64,
+    requested: u64,
+    period_end: Option<i64>,
+}
+
 /// Parsed `admit` script answer.
 struct AdmitAnswer {
-    refusal: Option<(RefusalKind, usize, Duration, u64, u64, u64, Option<i64>)>,
+    refusal: Option<ScriptRefusal>,
     requests: Vec<Option<Window>>,
     tokens: Vec<Option<Window>>,
 }
@@ -453,17 +465,15 @@ fn parse_admit(v: &[i64], n: usize) -> Result<AdmitAnswer, RedisError> {
             3 => RefusalKind::Parallel,
             _ => RefusalKind::Budget,
         };
-        let idx = usize::try_from(v[2]).unwrap_or(1).saturating_sub(1);
-        let period_end = (v[7] > 0).then_some(v[7]);
-        (
+        ScriptRefusal {
             kind,
-            idx,
-            Duration::from_millis(u(v[3])),
-            u(v[4]),
-            u(v[5]),
-            u(v[6]),
-            period_end,
-        )
+            idx: usize::try_from(v[2]).unwrap_or(1).saturating_sub(1),
+            wait: Duration::from_millis(u(v[3])),
+            limit: u(v[4]),
+            used: u(v[5]),
+            requested: u(v[6]),
+            period_end: (v[7] > 0).then_some(v[7]),
+        }
     });
     Ok(AdmitAnswer {
         refusal,
@@ -552,7 +562,11 @@ impl RedisLimiter {
         self.inner.overruns.load(Ordering::Relaxed)
     }
 
-    fn unavailable(&self, req: &AdmitRequest<'_>, entry: &KeyEntry) -> Result<Admission, AdmitError> {
+    fn unavailable(
+        &self,
+        req: &AdmitRequest<'_>,
+        entry: &KeyEntry,
+    ) -> Result<Admission, AdmitError> {
         let i = &self.inner;
         match &i.fallback {
             Some(local) => {
@@ -636,19 +650,19 @@ impl RedisLimiter {
             };
             requests.extend(ans.requests);
             tokens.extend(ans.tokens);
-            if let Some((kind, idx, wait, limit, used, requested, period_end)) = ans.refusal {
+            if let Some(r) = ans.refusal {
                 // Only the split path gets here with subjects already admitted.
                 self.compensate(con, &admitted, ticket, req.est_tokens);
-                let s = &group[idx.min(group.len() - 1)];
+                let s = &group[r.idx.min(group.len() - 1)];
                 return Ok(Err(AdmitError::Refused(Box::new(Refusal {
-                    kind,
+                    kind: r.kind,
                     subject_kind: s.kind,
                     subject: s.name.to_string(),
-                    retry_after: (kind != RefusalKind::Budget).then_some(wait),
-                    limit,
-                    used,
-                    requested,
-                    period_end_unix: period_end,
+                    retry_after: (r.kind != RefusalKind::Budget).then_some(r.wait),
+                    limit: r.limit,
+                    used: r.used,
+                    requested: r.requested,
+                    period_end_unix: r.period_end,
                     rate: RateInfo {
                         requests: tighter(&requests),
                         tokens: tighter(&tokens),
@@ -682,7 +696,11 @@ impl RedisLimiter {
         }
     }
 
-    fn status_redis(&self, con: &mut Conn, subjects: &[Arc<RSubject>]) -> Result<Vec<SubjectStatus>, RedisError> {
+    fn status_redis(
+        &self,
+        con: &mut Conn,
+        subjects: &[Arc<RSubject>],
+    ) -> Result<Vec<SubjectStatus>, RedisError> {
         let i = &self.inner;
         let mut out = Vec::with_capacity(subjects.len());
         for group in i.groups(subjects) {
@@ -842,11 +860,8 @@ impl AdmissionTicket for RedisTicket {
                 "actual cost exceeded the reservation; charged in full"
             );
         }
-        self.lim.record_ledger(
-            &self.subjects[0],
-            self.subjects.get(1).map(Arc::as_ref),
-            s,
-        );
+        self.lim
+            .record_ledger(&self.subjects[0], self.subjects.get(1).map(Arc::as_ref), s);
         SettleOutcome {
             charged_nanos: s.cost_nanos,
             reserved_nanos: self.reserve,

@@ -252,6 +252,18 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
     // 4. Agent guards.
     let guards = check_guards(app, &rt, caller, &target, &headers, &chat, &mut extra_headers).await?;
 
+    // An LLM classifier costs a call: admit (at the router's worst case) before
+    // making it, so a key that is out of budget or rate cannot cause unbilled calls.
+    let mut early: Option<Option<Admission>> = None;
+    if let Target::Router(r) = &target {
+        if matches!(r.classifier, crate::config::ClassifierKind::Llm { .. }) {
+            let reserve = router_worst_case(app, &rt, &chat, r);
+            let a = admit(app, caller, chat.features.prompt_tokens, reserve)?;
+            push_rate_headers(&a, &mut extra_headers);
+            early = Some(a);
+        }
+    }
+
     // 6. Classify and route (before limits: the reservation needs the tier's prices).
     let plan = plan_route(app, &rt, caller, &target, &headers, &chat, guards.escalate).await;
     facts.route = Some(plan.decision.header_value());
@@ -276,7 +288,7 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
         match c.lookup(key, mode).await {
             Lookup::Hit(entry) => {
                 app.metrics.record_cache_lookup("response", true);
-                return serve_hit(app, caller, &chat, entry, plan, guards.sessions, started, rid, extra_headers, facts);
+                return serve_hit(app, caller, &chat, entry, plan, guards.sessions, early, started, rid, extra_headers, facts);
             }
             Lookup::Miss(g) => {
                 app.metrics.record_cache_lookup("response", false);
@@ -292,13 +304,15 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
     }
 
     // 5 + 8. Rate limits and the worst-case spend reservation, in one admission.
-    let reserve = reservation(&rt, &chat, &plan);
-    let admission = admit(app, caller, chat.features.prompt_tokens, reserve)?;
-    if let Some(a) = &admission {
-        for (h, v) in a.rate_headers() {
-            extra_headers.push((HeaderName::from_static(h), v));
+    let admission = match early {
+        Some(a) => a,
+        None => {
+            let reserve = reservation(&rt, &chat, &plan);
+            let a = admit(app, caller, chat.features.prompt_tokens, reserve)?;
+            push_rate_headers(&a, &mut extra_headers);
+            a
         }
-    }
+    };
 
     let mut meter = Meter {
         app: app.clone(),
@@ -717,6 +731,57 @@ fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
     total
 }
 
+fn push_rate_headers(a: &Option<Admission>, extra: &mut Vec<(HeaderName, String)>) {
+    if let Some(a) = a {
+        for (h, v) in a.rate_headers() {
+            extra.push((HeaderName::from_static(h), v));
+        }
+    }
+}
+
+/// The reservation for a router before its classifier has run: the dearest
+/// route it can take, plus the classifier's own call.
+fn router_worst_case(app: &AppState, rt: &Runtime, chat: &ChatRequest, r: &Arc<RouterConfig>) -> u64 {
+    let mut routes: Vec<(&str, Option<Arc<CompiledVote>>, Option<Arc<CompiledCascade>>)> = r
+        .rules
+        .iter()
+        .map(|rule| {
+            let vote = rule.vote.clone().or_else(|| r.vote.clone());
+            let cascade = rule.cascade.clone().or_else(|| r.cascade.clone());
+            (rule.tier.as_str(), vote, cascade)
+        })
+        .collect();
+    routes.push((r.unknown_tier.as_str(), r.vote.clone(), r.cascade.clone()));
+    let worst = routes
+        .into_iter()
+        .map(|(tier, vote, cascade)| {
+            let plan = Plan {
+                decision: RouteDecision::direct(""),
+                candidates: route::tier_candidates(&rt.config, tier, &app.health),
+                vote,
+                cascade,
+                router: None,
+                classification_bill: None,
+            };
+            reservation(rt, chat, &plan)
+        })
+        .max()
+        .unwrap_or(0);
+    let classifier = match &r.classifier {
+        crate::config::ClassifierKind::Llm { model, .. } => rt.config.models.get(model).map(|m| {
+            let u = Usage {
+                prompt_tokens: chat.features.prompt_tokens + 300,
+                completion_tokens: 20,
+                cached_tokens: 0,
+                estimated: true,
+            };
+            cost_of(m, &u)
+        }),
+        _ => None,
+    };
+    worst.saturating_add(classifier.unwrap_or(0))
+}
+
 /// Steps 5 and 8: one admission for rate limits and the spend reservation.
 fn admit(app: &AppState, caller: &Caller, est_tokens: u64, reserve: u64) -> Result<Option<Admission>, ApiError> {
     let Some(key) = caller.name() else {
@@ -802,17 +867,21 @@ fn serve_hit(
     entry: Arc<Entry>,
     plan: Plan,
     sessions: Vec<(Arc<Guard>, SessionKey)>,
+    early: Option<Option<Admission>>,
     started: Instant,
     rid: &Arc<str>,
     mut extra: Vec<(HeaderName, String)>,
     facts: &mut LogFacts,
 ) -> Result<Response, ApiError> {
-    let admission = admit(app, caller, chat.features.prompt_tokens, 0)?;
-    if let Some(a) = &admission {
-        for (h, v) in a.rate_headers() {
-            extra.push((HeaderName::from_static(h), v));
+    // Limits still count a hit (it is a request); it reserves nothing.
+    let admission = match early {
+        Some(a) => a,
+        None => {
+            let a = admit(app, caller, chat.features.prompt_tokens, 0)?;
+            push_rate_headers(&a, &mut extra);
+            a
         }
-    }
+    };
     facts.cache = Some("hit");
     let mut decision = plan.decision;
     if decision.model.is_empty() {

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Runs against a real `redis-server` child process; each test skips (with a message) when it
 //! is not installed.
 
@@ -145,14 +146,20 @@ fn budget_holds_across_replicas_under_a_race() {
     let admitted = admitted.into_inner();
     assert_eq!(admitted.len(), 10);
     let st = replicas[1].status("k").unwrap().key;
-    assert_eq!((st.spent_nanos, st.reserved_nanos, st.in_flight), (0, 100, 10));
+    assert_eq!(
+        (st.spent_nanos, st.reserved_nanos, st.in_flight),
+        (0, 100, 10)
+    );
     assert!(st.period_start_unix.is_some() && st.period_end_unix > st.period_start_unix);
     // Settling below the reservation frees the difference for everyone.
     for a in admitted {
         a.settle(&settled(4, 1));
     }
     let st = replicas[2].status("k").unwrap().key;
-    assert_eq!((st.spent_nanos, st.reserved_nanos, st.in_flight), (40, 0, 0));
+    assert_eq!(
+        (st.spent_nanos, st.reserved_nanos, st.in_flight),
+        (40, 0, 0)
+    );
     assert_eq!(st.remaining_nanos, Some(60));
     let r = refusal(replicas[0].admit(&req(0, 61)));
     assert_eq!((r.limit, r.used, r.requested), (100, 40, 61));
@@ -182,7 +189,10 @@ fn rpm_and_tpm_are_shared() {
     assert_eq!((tk.limit, tk.remaining), (1000, 400));
     // 600 more tokens do not fit on the other replica...
     let r = refusal(b.admit(&req(600, 0)));
-    assert_eq!((r.kind, r.limit, r.requested), (RefusalKind::Tpm, 1000, 600));
+    assert_eq!(
+        (r.kind, r.limit, r.requested),
+        (RefusalKind::Tpm, 1000, 600)
+    );
     assert!(r.retry_after.is_some());
     // ...until the first settles at its real usage (100 tokens) and refunds the rest.
     first.settle(&settled(0, 100));
@@ -218,14 +228,20 @@ fn team_limits_and_parallel_slots() {
         let a = l.admit(&req(10, 30)).unwrap();
         // The team's budget refuses; the key's slot and tokens come back.
         let r = refusal(l.admit(&req(10, 30)));
-        assert_eq!((r.kind, r.subject_kind), (RefusalKind::Budget, SubjectKind::Team));
+        assert_eq!(
+            (r.kind, r.subject_kind),
+            (RefusalKind::Budget, SubjectKind::Team)
+        );
         let st = l.status("k").unwrap();
         assert_eq!(st.key.in_flight, 1, "split={per_subject_calls}");
         assert_eq!(st.key.tokens.map(|t| t.remaining), Some(90));
         assert_eq!(st.team.as_ref().map(|t| t.reserved_nanos), Some(30));
         let b = l.admit(&req(10, 20)).unwrap();
         let r = refusal(l.admit(&req(10, 0)));
-        assert_eq!((r.kind, r.subject_kind, r.used), (RefusalKind::Parallel, SubjectKind::Key, 2));
+        assert_eq!(
+            (r.kind, r.subject_kind, r.used),
+            (RefusalKind::Parallel, SubjectKind::Key, 2)
+        );
         a.settle(&settled(25, 10));
         drop(b);
         let st = l.status("k").unwrap();
@@ -253,7 +269,10 @@ fn a_crashed_replicas_tickets_expire() {
     // A replica that dies never settles or releases.
     std::mem::forget(crashed.admit(&req(0, 10)).unwrap());
     let other = RedisLimiter::new(&sp, set, None, None).unwrap();
-    assert_eq!(refusal(other.admit(&req(0, 10))).kind, RefusalKind::Parallel);
+    assert_eq!(
+        refusal(other.admit(&req(0, 10))).kind,
+        RefusalKind::Parallel
+    );
     let mut admitted = None;
     for _ in 0..300 {
         if let Ok(a) = other.admit(&req(0, 10)) {
@@ -265,7 +284,10 @@ fn a_crashed_replicas_tickets_expire() {
     let a = admitted.expect("the dead ticket expired");
     a.settle(&settled(10, 0));
     let st = other.status("k").unwrap().key;
-    assert_eq!((st.spent_nanos, st.reserved_nanos, st.in_flight), (10, 0, 0));
+    assert_eq!(
+        (st.spent_nanos, st.reserved_nanos, st.in_flight),
+        (10, 0, 0)
+    );
 }
 
 #[test]
@@ -292,14 +314,20 @@ fn lua_periods_match_rust() {
             (3, Period::Monthly),
         ] {
             let got: Vec<i64> = script.arg(code).arg(t).invoke(&mut con).unwrap();
-            assert_eq!(got, vec![p.start_of(t), p.end_of(t).unwrap()], "{p:?} at {t}");
+            assert_eq!(
+                got,
+                vec![p.start_of(t), p.end_of(t).unwrap()],
+                "{p:?} at {t}"
+            );
         }
     }
 }
 
 #[test]
 fn unavailability_policies_and_replay() {
-    let Some(mut srv) = Server::start() else { return };
+    let Some(mut srv) = Server::start() else {
+        return;
+    };
     let sp = specs(
         LimitSpec {
             rpm: Some(2),
@@ -319,7 +347,10 @@ fn unavailability_policies_and_replay() {
     let held = closed.admit(&req(0, 100)).unwrap();
     srv.kill();
     // fail_closed refuses; the unsettled settlement waits for Redis.
-    assert!(matches!(closed.admit(&req(0, 1)), Err(AdmitError::Unavailable(_))));
+    assert!(matches!(
+        closed.admit(&req(0, 1)),
+        Err(AdmitError::Unavailable(_))
+    ));
     assert!(!closed.is_up());
     held.settle(&settled(70, 0));
     assert_eq!(closed.pending_settlements(), 1);

@@ -1,0 +1,176 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Latency each limit store adds per request: the in-memory `Limiter` against `RedisLimiter`
+//! on a local `redis-server` (started here on a free port, or `REDIS_URL`).
+//!
+//!     cargo run --profile bench --example store_latency [-- ITERATIONS]
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use triage::limits::{
+    AdmitRequest, Clock, KeySpec, LimitBackend, LimitSpec, LimitSpecs, Limiter, Period,
+    RedisLimiter, RedisSettings, Settlement,
+};
+
+fn specs() -> LimitSpecs {
+    let limits = LimitSpec {
+        rpm: Some(u32::MAX),
+        tpm: Some(u64::MAX / 4),
+        max_parallel: Some(1000),
+        budget_nanos: Some(u64::MAX / 4),
+        period: Period::Monthly,
+    };
+    let mut s = LimitSpecs::default();
+    s.keys.insert(
+        "k".into(),
+        KeySpec {
+            team: Some("t".into()),
+            limits: limits.clone(),
+        },
+    );
+    s.teams.insert("t".into(), limits);
+    s
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn measure(name: &str, l: &dyn LimitBackend, n: usize) {
+    let req = AdmitRequest {
+        key: "k",
+        est_tokens: 500,
+        reserve_nanos: 10_000,
+    };
+    let s = Settlement {
+        model: "m",
+        request_id: "r",
+        prompt_tokens: 500,
+        completion_tokens: 100,
+        cost_nanos: 5_000,
+        ..Settlement::default()
+    };
+    for _ in 0..n / 10 {
+        l.admit(&req).unwrap().settle(&s);
+    }
+    let (mut admit, mut settle, mut status) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for _ in 0..n {
+        let t = Instant::now();
+        let a = l.admit(&req).unwrap();
+        let t1 = Instant::now();
+        a.settle(&s);
+        let t2 = Instant::now();
+        std::hint::black_box(l.status("k"));
+        let t3 = Instant::now();
+        admit.push(t1 - t);
+        settle.push(t2 - t1);
+        status.push(t3 - t2);
+    }
+    for (what, v) in [
+        ("admit", &mut admit),
+        ("settle", &mut settle),
+        ("status", &mut status),
+    ] {
+        let mean = v.iter().sum::<Duration>() / v.len() as u32;
+        println!(
+            "{name:<7} {what:<7} mean {mean:>10.2?}  p50 {:>10.2?}  p99 {:>10.2?}",
+            pct(v, 0.5),
+            pct(v, 0.99)
+        );
+    }
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20_000);
+    let mem = Limiter::new(&specs(), Clock::system(), None).unwrap();
+    measure("memory", &mem, n);
+
+    let mut child = None;
+    let url = match std::env::var("REDIS_URL") {
+        Ok(u) => u,
+        Err(_) => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let c = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server (or set REDIS_URL)");
+            child = Some(c);
+            std::thread::sleep(Duration::from_millis(300));
+            format!("redis://127.0.0.1:{port}/")
+        }
+    };
+    let settings = RedisSettings {
+        url,
+        key_prefix: "bench".into(),
+        reservation_ttl: Duration::from_secs(600),
+        timeout: Duration::from_secs(1),
+        fail_open: false,
+        per_subject_calls: false,
+    };
+    let redis = Arc::new(RedisLimiter::new(&specs(), settings.clone(), None, None).unwrap());
+    redis.ping().unwrap();
+    measure("redis", redis.as_ref(), n);
+    let split = RedisLimiter::new(
+        &specs(),
+        RedisSettings {
+            per_subject_calls: true,
+            ..settings
+        },
+        None,
+        None,
+    )
+    .unwrap();
+    measure("split", &split, n);
+
+    // Throughput with 4 threads admitting and settling at once on one replica.
+    let t = Instant::now();
+    std::thread::scope(|sc| {
+        for _ in 0..4 {
+            let r = redis.clone();
+            sc.spawn(move || {
+                let req = AdmitRequest {
+                    key: "k",
+                    est_tokens: 500,
+                    reserve_nanos: 10_000,
+                };
+                for _ in 0..n / 4 {
+                    r.admit(&req).unwrap().settle(&Settlement {
+                        cost_nanos: 5_000,
+                        ..Settlement::default()
+                    });
+                }
+            });
+        }
+    });
+    let el = t.elapsed();
+    println!(
+        "redis   4 threads: {:.0} admit+settle per second",
+        n as f64 / el.as_secs_f64()
+    );
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
