@@ -122,13 +122,30 @@ fn main() {
         }
     };
     let settings = RedisSettings {
-        url,
+        url: url.clone(),
         key_prefix: "bench".into(),
         reservation_ttl: Duration::from_secs(600),
         timeout: Duration::from_secs(1),
         fail_open: false,
         per_subject_calls: false,
     };
+    // The floor: one PING round trip on a blocking connection.
+    let mut con = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut ping = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let _: String = redis::cmd("PING").query(&mut con).unwrap();
+        ping.push(t.elapsed());
+    }
+    let mean = ping.iter().sum::<Duration>() / n as u32;
+    println!(
+        "redis   PING    mean {mean:>10.2?}  p50 {:>10.2?}  p99 {:>10.2?}",
+        pct(&mut ping, 0.5),
+        pct(&mut ping, 0.99)
+    );
     let redis = Arc::new(RedisLimiter::new(&specs(), settings.clone(), None, None).unwrap());
     redis.ping().unwrap();
     measure("redis", redis.as_ref(), n);

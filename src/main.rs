@@ -430,6 +430,11 @@ async fn mock_upstream(listen: String, latency: std::time::Duration, tps: u32, w
     let settings = triage::config::MockSettings { latency, tokens_per_second: tps, reply_words: words.max(1) };
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     eprintln!("mock upstream on http://{listen}/v1");
+    use axum::serve::ListenerExt;
+    // Small SSE writes must not wait for Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, triage::upstream::mock::router(settings))
         .with_graceful_shutdown(shutdown_signal())
         .await

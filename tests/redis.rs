@@ -393,3 +393,78 @@ async fn fail_open_uses_local_limits_while_redis_is_down() {
     );
     f.shutdown().await;
 }
+
+#[test]
+fn store_config_is_validated_with_key_paths() {
+    let base = config("http://127.0.0.1:9/v1", "");
+    let with = |store: &str| base.replace("[store]\nkind = \"memory\"\n", store);
+    let parse = |toml: String| triage::config::Config::parse(&toml, std::path::Path::new("."));
+
+    let cfg = parse(with(
+        "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/\"\n",
+    ))
+    .unwrap();
+    match &cfg.store {
+        triage::config::StoreConfig::Redis {
+            on_unavailable,
+            key_prefix,
+            reservation_ttl,
+            state_dir,
+            ..
+        } => {
+            assert_eq!(*on_unavailable, triage::config::OnUnavailable::FailClosed);
+            assert_eq!(key_prefix, "triage");
+            assert_eq!(*reservation_ttl, Duration::from_secs(600));
+            assert_eq!(state_dir, std::path::Path::new("state"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let cfg = parse(with(
+        "[store]\nkind = \"redis\"\nurl = \"redis://r:6379/\"\non_unavailable = \"fail_open\"\nreservation_ttl = \"5s\"\n",
+    ))
+    .unwrap();
+    assert!(matches!(
+        cfg.store,
+        triage::config::StoreConfig::Redis {
+            on_unavailable: triage::config::OnUnavailable::FailOpen,
+            ..
+        }
+    ));
+    // A ttl shorter than a request may run is allowed, with a warning.
+    assert!(
+        cfg.warnings
+            .iter()
+            .any(|w| w.starts_with("store.reservation_ttl:")),
+        "{:?}",
+        cfg.warnings
+    );
+
+    let err = parse(with(
+        "[store]\nkind = \"redis\"\non_unavailable = \"maybe\"\nkey_prefix = \"a{b}\"\nreservation_ttl = \"0s\"\n",
+    ))
+    .unwrap_err()
+    .to_string();
+    for path in [
+        "store.url:",
+        "store.on_unavailable:",
+        "store.key_prefix:",
+        "store.reservation_ttl:",
+    ] {
+        assert!(err.contains(path), "{path} missing in:\n{err}");
+    }
+    let err = parse(with("[store]\nkind = \"redis\"\nurl = \"http://x\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("store.url:"), "{err}");
+    let err = parse(with("[store]\nkind = \"sqlite\"\nurl = \"redis://x/\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("store.url: only applies to kind = \"redis\""),
+        "{err}"
+    );
+    let err = parse(with("[store]\nkind = \"etcd\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("store.kind:"), "{err}");
+}

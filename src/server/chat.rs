@@ -887,6 +887,7 @@ fn serve_hit(
     if decision.model.is_empty() {
         decision.model = "cache".into();
     }
+    facts.route = Some(decision.header_value());
     extra.push((HeaderName::from_static("x-triage-route"), decision.header_value()));
     extra.push((HeaderName::from_static("x-triage-cache"), "hit".into()));
     let id = format!("chatcmpl-{}", &rid.replace("req-", ""));

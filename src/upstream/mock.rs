@@ -88,7 +88,9 @@ fn message_text(m: &Value) -> String {
 fn reply_words(model: &str, prompt: &str, n_words: u32) -> Vec<String> {
     let snippet: String = prompt.split_whitespace().take(8).collect::<Vec<_>>().join(" ");
     let mut text = format!("[{model}] You asked: \"{snippet}\".");
-    let mut h = fnv(prompt) ^ fnv(model);
+    // Only the tag names the model: the same prompt gets the same body from
+    // every mock deployment, so votes across deployments can agree.
+    let mut h = fnv(prompt);
     let mut words: Vec<String> = Vec::new();
     loop {
         for w in text.split_whitespace() {
@@ -138,6 +140,16 @@ fn plan(settings: &MockSettings, body: &Value) -> Result<Plan, Response> {
     if (words.len() as u64) > cap {
         words.truncate(cap as usize);
         finish = "length";
+    }
+    // JSON mode is honoured by the larger mocks; like many small local models,
+    // the `small` ones ignore it (which lets a cascade's json gate escalate).
+    let wants_json = matches!(
+        body.pointer("/response_format/type").and_then(Value::as_str),
+        Some("json_object") | Some("json_schema")
+    );
+    if wants_json && !model.contains("small") && finish == "stop" {
+        let answer = json!({ "answer": words.join(" ") }).to_string();
+        words = answer.split(' ').map(str::to_string).collect();
     }
     Ok(Plan {
         model,
