@@ -69,7 +69,7 @@ fn chat_body(chars: usize) -> Vec<u8> {
 
 fn demo_config() -> Config {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/triage.toml")).unwrap();
-    let text = text.replace("[server]", "[store]\nkind = \"memory\"\n[server]");
+    let text = text.replace("kind = \"sqlite\"", "kind = \"memory\"");
     Config::parse(&text, Path::new(".")).unwrap()
 }
 
@@ -175,12 +175,12 @@ fn bench(c: &mut Criterion) {
         let (tier, _) = choose_tier(&router, &cls, &input);
         drop(tier_candidates(&cfg, &tier, &health));
     }));
-    eprintln!("  cache_key_2kB                {:>6.1}", allocs_per_call(|| drop(triage::cache::cache_key("demo", "auto", &chat.body))));
+    eprintln!("  cache_key_2kB                {:>6.1}", allocs_per_call(|| { black_box(triage::cache::cache_key("demo", "auto", &chat.body)); }));
     eprintln!("  limits_admit_and_settle      {:>6.1}", allocs_per_call(|| {
         let a = limiter.admit(&AdmitRequest { key: "demo", est_tokens: 500, reserve_nanos: 10_000 }).unwrap();
         a.settle(&Settlement { model: "m", request_id: "r", prompt_tokens: 500, completion_tokens: 100, cached_tokens: 0, cost_nanos: 5_000, estimated: false });
     }));
-    eprintln!("  cache_hit_key_lookup_replay  {:>6.1}", allocs_per_call(|| drop(hit())));
+    eprintln!("  cache_hit_key_lookup_replay  {:>6.1}", allocs_per_call(|| { black_box(hit()); }));
 }
 
 criterion_group!(benches, bench);

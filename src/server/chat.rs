@@ -204,14 +204,6 @@ impl Meter {
                 cost_nanos: *c,
             });
         }
-        if let Some(k) = &self.key {
-            if let Some(st) = self.app.limiter.status(k) {
-                m.set_period_spend(k, st.key.spent_nanos);
-                if let Some(rem) = st.key.remaining_nanos {
-                    m.set_budget_remaining(k, i64::try_from(rem).unwrap_or(i64::MAX));
-                }
-            }
-        }
         if !self.sessions.is_empty() {
             let sessions = std::mem::take(&mut self.sessions);
             let tokens = usage.total();
@@ -742,7 +734,9 @@ fn push_rate_headers(a: &Option<Admission>, extra: &mut Vec<(HeaderName, String)
 /// The reservation for a router before its classifier has run: the dearest
 /// route it can take, plus the classifier's own call.
 fn router_worst_case(app: &AppState, rt: &Runtime, chat: &ChatRequest, r: &Arc<RouterConfig>) -> u64 {
-    let mut routes: Vec<(&str, Option<Arc<CompiledVote>>, Option<Arc<CompiledCascade>>)> = r
+    // (tier, vote, cascade) for every rule and for unknown requests.
+    type RouteShape<'a> = (&'a str, Option<Arc<CompiledVote>>, Option<Arc<CompiledCascade>>);
+    let mut routes: Vec<RouteShape<'_>> = r
         .rules
         .iter()
         .map(|rule| {

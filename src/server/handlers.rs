@@ -86,6 +86,16 @@ pub fn render_metrics(app: &AppState) -> Response {
         app.metrics.set_cache_bytes("response", s.bytes);
     }
     app.metrics.set_sessions_active(app.sessions.active_count());
+    // Budget gauges are read at scrape time, not on every request: with a
+    // shared store a status read is a network round trip.
+    for k in &app.runtime.load().config.keys {
+        if let Some(st) = app.limiter.status(&k.name) {
+            app.metrics.set_period_spend(&k.name, st.key.spent_nanos);
+            if let Some(rem) = st.key.remaining_nanos {
+                app.metrics.set_budget_remaining(&k.name, i64::try_from(rem).unwrap_or(i64::MAX));
+            }
+        }
+    }
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], app.metrics.render()).into_response()
 }
 
