@@ -10,7 +10,7 @@ use super::stream::{SseForwarder, StreamEnd};
 use super::{LogFacts, RequestId};
 use crate::cache::{self, Entry, FillGuard, Lookup};
 use crate::config::{CacheScope, ModelConfig, RouterConfig};
-use crate::guard::{CeilingHit, Guard, LoopAction, SessionKey, SessionStore};
+use crate::guard::{CeilingHit, Guard, LoopAction, SessionKey, SessionRefusal};
 use crate::limits::{self, AdmitError, AdmitRequest, Admission, Settlement};
 use crate::metrics::{CacheOutcome, LimitKind, RequestRecord, UsageRecord};
 use crate::route::{self, Candidate, Classification, RouteDecision, RouteReason};
@@ -485,16 +485,44 @@ pub fn completion_usage(body: &[u8]) -> Option<Usage> {
 
 /// The body sent upstream: the client's fields, with the deployment's model
 /// name, and usage always requested on streams (we need it for accounting).
+/// Serialised straight from the parsed request, without copying it.
 pub fn upstream_body(chat: &ChatRequest, m: &ModelConfig) -> Bytes {
-    let mut body = chat.body.clone();
-    body.insert("model".into(), Value::String(m.upstream_model.clone()));
-    if chat.stream {
-        let opts = body.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
-        if let Value::Object(o) = opts {
-            o.insert("include_usage".into(), Value::Bool(true));
-        }
-    }
+    let body = UpstreamBody {
+        body: &chat.body,
+        model: &m.upstream_model,
+        force_usage: chat.stream,
+    };
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+struct UpstreamBody<'a> {
+    body: &'a serde_json::Map<String, Value>,
+    model: &'a str,
+    force_usage: bool,
+}
+
+impl serde::Serialize for UpstreamBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.body.len() + 1))?;
+        let mut saw_options = false;
+        for (k, v) in self.body {
+            match k.as_str() {
+                "model" => map.serialize_entry(k, self.model)?,
+                "stream_options" if self.force_usage => {
+                    saw_options = true;
+                    let mut o = v.as_object().cloned().unwrap_or_default();
+                    o.insert("include_usage".into(), Value::Bool(true));
+                    map.serialize_entry(k, &o)?;
+                }
+                _ => map.serialize_entry(k, v)?,
+            }
+        }
+        if self.force_usage && !saw_options {
+            map.serialize_entry("stream_options", &serde_json::json!({"include_usage": true}))?;
+        }
+        map.end()
+    }
 }
 
 /// Result of the agent guards.
@@ -561,15 +589,25 @@ async fn check_guards(
         let Some(sk) = g.session_key(&scope_name, hv, Some(&body)) else {
             continue;
         };
-        match g.check(Some(&sk), SystemTime::now()).await {
+        match g.try_check(Some(&sk), SystemTime::now()).await {
             Ok(Some(w)) => extra.push((HeaderName::from_static(crate::guard::WARNING_HEADER), w.header_value())),
             Ok(None) => {}
-            Err(hit) => return Err(session_error(app, &hit)),
+            Err(SessionRefusal::Ceiling(hit)) => return Err(session_error(app, &hit)),
+            Err(SessionRefusal::Unavailable) => {
+                tracing::debug!("refused: the shared session store is unavailable (fail_closed)");
+                return Err(store_unavailable("The shared session store is unavailable; try again shortly.".into()));
+            }
         }
         out.sessions.push((g.clone(), sk));
     }
     app.metrics.set_sessions_active(app.sessions.active_count());
     Ok(out)
+}
+
+/// 503 `store_unavailable` (`fail_closed` while Redis is unreachable).
+fn store_unavailable(msg: String) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", Some("store_unavailable"), msg)
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
 
 fn session_error(app: &AppState, hit: &CeilingHit) -> ApiError {
@@ -790,8 +828,7 @@ fn admit(app: &AppState, caller: &Caller, est_tokens: u64, reserve: u64) -> Resu
         Err(AdmitError::UnknownKey(_)) => Ok(None),
         Err(AdmitError::Unavailable(msg)) => {
             tracing::debug!(key, "refused: the shared limit store is unavailable (fail_closed)");
-            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", Some("store_unavailable"), msg)
-                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")))
+            Err(store_unavailable(msg))
         }
         Err(AdmitError::Refused(r)) => {
             let kind = match r.kind {
