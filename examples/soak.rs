@@ -173,7 +173,11 @@ async fn upstream(inj: Arc<Injected>, body: Value) -> Response {
         29..=30 => "slow_drip",
         _ => "none",
     };
-    inj.add(fault);
+    inj.add(if flaky {
+        fault
+    } else {
+        "good deployment (no fault)"
+    });
     match fault {
         "status_500" => err(500),
         "status_503" => err(503),
@@ -261,8 +265,11 @@ cooldown = "2s"
 [routers.auto]
 classifier = "rules"
 unknown_tier = "main"
+[[routers.auto.rules]]
+tier = "main"
 [cache]
 enabled = true
+max_bytes = 4194304
 [keys.soak]
 key_sha256 = "{}"
 "#,
@@ -417,7 +424,8 @@ async fn main() {
         if t_ready.elapsed() > Duration::from_secs(30) || child.try_wait().ok().flatten().is_some()
         {
             let _ = child.kill();
-            panic!("triage did not start; log in {}", dir.path().display());
+            let log = std::fs::read_to_string(dir.path().join("triage.log")).unwrap_or_default();
+            panic!("triage did not start; its output:\n{log}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -445,7 +453,8 @@ async fn main() {
         })
         .collect();
     let mut rss_peak = rss_start;
-    let mut next_report = start + Duration::from_secs(60);
+    let every = (a.duration / 8).clamp(Duration::from_secs(10), Duration::from_secs(60));
+    let mut next_report = start + every;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let r = rss_kb(pid).unwrap_or(0);
@@ -457,7 +466,7 @@ async fn main() {
                 tally.served.load(Ordering::Relaxed),
                 r
             );
-            next_report += Duration::from_secs(60);
+            next_report += every;
         }
         if child.try_wait().ok().flatten().is_some() {
             println!("triage EXITED during the soak");
@@ -501,7 +510,7 @@ async fn main() {
     for (k, v) in tally.kinds.lock().unwrap().iter() {
         println!("  {k:<48} {v}");
     }
-    println!("faults injected upstream (calls to the flaky deployment):");
+    println!("upstream calls by injected fault:");
     for (k, v) in inj.0.lock().unwrap().iter() {
         println!("  {k:<48} {v}");
     }
