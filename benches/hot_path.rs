@@ -6,12 +6,14 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use serde_json::json;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use triage::classify::embedded::EmbeddedClassifier;
 use triage::config::Config;
-use triage::limits::{AdmitRequest, Clock, KeySpec, LimitSpec, LimitSpecs, Limiter, Period, Settlement};
+use triage::limits::{
+    AdmitRequest, Clock, KeySpec, LimitSpec, LimitSpecs, Limiter, Period, Settlement,
+};
 use triage::route::{choose_tier, tier_candidates, Classification, Health, RuleInput};
 use triage::server::request::parse_chat;
 use triage::server::stream::SseForwarder;
@@ -68,7 +70,8 @@ fn chat_body(chars: usize) -> Vec<u8> {
 }
 
 fn demo_config() -> Config {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/triage.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/triage.toml"))
+        .unwrap();
     let text = text.replace("kind = \"sqlite\"", "kind = \"memory\"");
     Config::parse(&text, Path::new(".")).unwrap()
 }
@@ -77,30 +80,47 @@ fn bench(c: &mut Criterion) {
     let body = chat_body(2000);
     let mut g = c.benchmark_group("request");
     g.throughput(Throughput::Bytes(body.len() as u64));
-    g.bench_function("parse_chat_2kB", |b| b.iter(|| parse_chat(black_box(&body)).unwrap()));
+    g.bench_function("parse_chat_2kB", |b| {
+        b.iter(|| parse_chat(black_box(&body)).unwrap())
+    });
     g.finish();
 
     let model = EmbeddedClassifier::default_model().unwrap();
     let p2000 = prompt(2000);
-    c.bench_function("classify_embedded_2000_chars", |b| b.iter(|| model.classify(black_box(&p2000))));
+    c.bench_function("classify_embedded_2000_chars", |b| {
+        b.iter(|| model.classify(black_box(&p2000)))
+    });
     let p100 = "Write a Python function that reverses a linked list.";
-    c.bench_function("classify_embedded_short", |b| b.iter(|| model.classify(black_box(p100))));
+    c.bench_function("classify_embedded_short", |b| {
+        b.iter(|| model.classify(black_box(p100)))
+    });
 
     let cfg = demo_config();
     let router = cfg.routers["auto"].clone();
     let chat = parse_chat(&body).unwrap();
     let health = Health::default();
     let headers = http::HeaderMap::new();
-    let cls = Classification { label: "code".into(), confidence: 0.9, failed: false, bill: None };
+    let cls = Classification {
+        label: "code".into(),
+        confidence: 0.9,
+        failed: false,
+        bill: None,
+    };
     c.bench_function("route_decision", |b| {
         b.iter(|| {
-            let input = RuleInput { features: &chat.features, key: Some("demo"), headers: &headers };
+            let input = RuleInput {
+                features: &chat.features,
+                key: Some("demo"),
+                headers: &headers,
+            };
             let (tier, _) = choose_tier(&router, black_box(&cls), &input);
             tier_candidates(&cfg, &tier, &health)
         })
     });
 
-    c.bench_function("cache_key_2kB", |b| b.iter(|| triage::cache::cache_key("demo", "auto", black_box(&chat.body))));
+    c.bench_function("cache_key_2kB", |b| {
+        b.iter(|| triage::cache::cache_key("demo", "auto", black_box(&chat.body)))
+    });
 
     c.bench_function("auth_sha256_lookup", |b| {
         let keys = triage::auth::KeyTable::new(&cfg.keys);
@@ -112,14 +132,34 @@ fn bench(c: &mut Criterion) {
         "demo".into(),
         KeySpec {
             team: None,
-            limits: LimitSpec { rpm: Some(u32::MAX / 2), tpm: Some(u64::MAX / 4), max_parallel: Some(1_000_000), budget_nanos: Some(u64::MAX / 4), period: Period::Monthly },
+            limits: LimitSpec {
+                rpm: Some(u32::MAX / 2),
+                tpm: Some(u64::MAX / 4),
+                max_parallel: Some(1_000_000),
+                budget_nanos: Some(u64::MAX / 4),
+                period: Period::Monthly,
+            },
         },
     );
     let limiter = Limiter::new(&specs, Clock::system(), None).unwrap();
     c.bench_function("limits_admit_and_settle", |b| {
         b.iter(|| {
-            let a = limiter.admit(&AdmitRequest { key: "demo", est_tokens: 500, reserve_nanos: 10_000 }).unwrap();
-            a.settle(&Settlement { model: "m", request_id: "r", prompt_tokens: 500, completion_tokens: 100, cached_tokens: 0, cost_nanos: 5_000, estimated: false })
+            let a = limiter
+                .admit(&AdmitRequest {
+                    key: "demo",
+                    est_tokens: 500,
+                    reserve_nanos: 10_000,
+                })
+                .unwrap();
+            a.settle(&Settlement {
+                model: "m",
+                request_id: "r",
+                prompt_tokens: 500,
+                completion_tokens: 100,
+                cached_tokens: 0,
+                cost_nanos: 5_000,
+                estimated: false,
+            })
         })
     });
 
@@ -129,7 +169,9 @@ fn bench(c: &mut Criterion) {
         .collect();
     chunks.push(Bytes::from_static(b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":40}}\n\n"));
     chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let mut g = c.benchmark_group("sse");
     g.throughput(Throughput::Elements(chunks.len() as u64));
     g.bench_function("forward_42_chunks", |b| {
@@ -139,8 +181,13 @@ fn bench(c: &mut Criterion) {
                 rt.block_on(async {
                     use futures::StreamExt;
                     let up = Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)));
-                    let fwd = SseForwarder::new(up, true, 10, false, Instant::now(), Box::new(|_| {}));
-                    fwd.fold(0usize, |n, b| async move { n + b.map(|b| b.len()).unwrap_or(0) }).await
+                    let fwd =
+                        SseForwarder::new(up, true, 10, false, Instant::now(), Box::new(|_| {}));
+                    fwd.fold(
+                        0usize,
+                        |n, b| async move { n + b.map(|b| b.len()).unwrap_or(0) },
+                    )
+                    .await
                 })
             },
             BatchSize::SmallInput,
@@ -149,17 +196,26 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     // The cache hit path without HTTP: key, lookup, replay.
-    let cache = triage::cache::ResponseCache::new(triage::cache::CacheConfig::new(1 << 24, std::time::Duration::from_secs(600)));
+    let cache = triage::cache::ResponseCache::new(triage::cache::CacheConfig::new(
+        1 << 24,
+        std::time::Duration::from_secs(600),
+    ));
     let key = triage::cache::cache_key("demo", "auto", &chat.body);
     let completion = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": prompt(400)}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 500, "completion_tokens": 100, "total_tokens": 600}});
-    rt.block_on(cache.insert(key, std::sync::Arc::new(triage::cache::Entry::from_completion(&completion).unwrap()), None));
+    rt.block_on(cache.insert(
+        key,
+        std::sync::Arc::new(triage::cache::Entry::from_completion(&completion).unwrap()),
+        None,
+    ));
     let hit = || {
         rt.block_on(async {
             let k = triage::cache::cache_key("demo", "auto", &chat.body);
             match cache.lookup(k, triage::cache::CacheMode::Use).await {
-                triage::cache::Lookup::Hit(e) => e.replay_completion("chatcmpl-x", 1).unwrap().len(),
+                triage::cache::Lookup::Hit(e) => {
+                    e.replay_completion("chatcmpl-x", 1).unwrap().len()
+                }
                 _ => 0,
             }
         })
@@ -168,19 +224,59 @@ fn bench(c: &mut Criterion) {
     c.bench_function("cache_hit_key_lookup_replay", |b| b.iter(hit));
 
     eprintln!("\nallocations per call:");
-    eprintln!("  parse_chat_2kB               {:>6.1}", allocs_per_call(|| drop(parse_chat(&body))));
-    eprintln!("  classify_embedded_2000_chars {:>6.1}", allocs_per_call(|| drop(model.classify(&p2000))));
-    eprintln!("  route_decision               {:>6.1}", allocs_per_call(|| {
-        let input = RuleInput { features: &chat.features, key: Some("demo"), headers: &headers };
-        let (tier, _) = choose_tier(&router, &cls, &input);
-        drop(tier_candidates(&cfg, &tier, &health));
-    }));
-    eprintln!("  cache_key_2kB                {:>6.1}", allocs_per_call(|| { black_box(triage::cache::cache_key("demo", "auto", &chat.body)); }));
-    eprintln!("  limits_admit_and_settle      {:>6.1}", allocs_per_call(|| {
-        let a = limiter.admit(&AdmitRequest { key: "demo", est_tokens: 500, reserve_nanos: 10_000 }).unwrap();
-        a.settle(&Settlement { model: "m", request_id: "r", prompt_tokens: 500, completion_tokens: 100, cached_tokens: 0, cost_nanos: 5_000, estimated: false });
-    }));
-    eprintln!("  cache_hit_key_lookup_replay  {:>6.1}", allocs_per_call(|| { black_box(hit()); }));
+    eprintln!(
+        "  parse_chat_2kB               {:>6.1}",
+        allocs_per_call(|| drop(parse_chat(&body)))
+    );
+    eprintln!(
+        "  classify_embedded_2000_chars {:>6.1}",
+        allocs_per_call(|| drop(model.classify(&p2000)))
+    );
+    eprintln!(
+        "  route_decision               {:>6.1}",
+        allocs_per_call(|| {
+            let input = RuleInput {
+                features: &chat.features,
+                key: Some("demo"),
+                headers: &headers,
+            };
+            let (tier, _) = choose_tier(&router, &cls, &input);
+            drop(tier_candidates(&cfg, &tier, &health));
+        })
+    );
+    eprintln!(
+        "  cache_key_2kB                {:>6.1}",
+        allocs_per_call(|| {
+            black_box(triage::cache::cache_key("demo", "auto", &chat.body));
+        })
+    );
+    eprintln!(
+        "  limits_admit_and_settle      {:>6.1}",
+        allocs_per_call(|| {
+            let a = limiter
+                .admit(&AdmitRequest {
+                    key: "demo",
+                    est_tokens: 500,
+                    reserve_nanos: 10_000,
+                })
+                .unwrap();
+            a.settle(&Settlement {
+                model: "m",
+                request_id: "r",
+                prompt_tokens: 500,
+                completion_tokens: 100,
+                cached_tokens: 0,
+                cost_nanos: 5_000,
+                estimated: false,
+            });
+        })
+    );
+    eprintln!(
+        "  cache_hit_key_lookup_replay  {:>6.1}",
+        allocs_per_call(|| {
+            black_box(hit());
+        })
+    );
 }
 
 criterion_group!(benches, bench);

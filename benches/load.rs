@@ -26,7 +26,11 @@ impl Drop for Proc {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn bin() -> &'static str {
@@ -228,7 +232,10 @@ enabled = false
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; ignore any arguments.
-    let secs: f64 = std::env::var("LOAD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let secs: f64 = std::env::var("LOAD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     let concs: Vec<usize> = std::env::var("LOAD_CONC")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
@@ -236,12 +243,38 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let (mp, sp, tp) = (free_port(), free_port(), free_port());
     let mock_url = format!("http://127.0.0.1:{mp}/v1");
-    let _mock = spawn(&["mock-upstream", "--listen", &format!("127.0.0.1:{mp}"), "--reply-words", "24"]);
-    let _slow = spawn(&["mock-upstream", "--listen", &format!("127.0.0.1:{sp}"), "--reply-words", "200", "--tokens-per-second", "10"]);
+    let _mock = spawn(&[
+        "mock-upstream",
+        "--listen",
+        &format!("127.0.0.1:{mp}"),
+        "--reply-words",
+        "24",
+    ]);
+    let _slow = spawn(&[
+        "mock-upstream",
+        "--listen",
+        &format!("127.0.0.1:{sp}"),
+        "--reply-words",
+        "200",
+        "--tokens-per-second",
+        "10",
+    ]);
     let cfg_path = dir.path().join("bench.toml");
-    std::fs::write(&cfg_path, config(&mock_url, &format!("http://127.0.0.1:{sp}/v1"), &format!("127.0.0.1:{tp}"))).unwrap();
+    std::fs::write(
+        &cfg_path,
+        config(
+            &mock_url,
+            &format!("http://127.0.0.1:{sp}/v1"),
+            &format!("127.0.0.1:{tp}"),
+        ),
+    )
+    .unwrap();
     let triage = spawn(&["serve", "-c", cfg_path.to_str().unwrap()]);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(2048).tcp_nodelay(true).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(2048)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
     wait_up(&client, &format!("http://127.0.0.1:{mp}/v1/models")).await;
     wait_up(&client, &format!("http://127.0.0.1:{tp}/healthz")).await;
     let pid = triage.0.id();
@@ -250,27 +283,88 @@ async fn main() {
     let direct = format!("{mock_url}/chat/completions");
     let through = format!("http://127.0.0.1:{tp}/v1/chat/completions");
     let msg = json!([{"role": "user", "content": "hi there, how are you today?"}]);
-    let body = |model: &str, stream: bool| json!({"model": model, "messages": msg, "stream": stream});
+    let body =
+        |model: &str, stream: bool| json!({"model": model, "messages": msg, "stream": stream});
     let pairs: Vec<(Scenario, Scenario)> = vec![
         (
-            Scenario { name: "direct json", url: direct.clone(), body: body("mock-small", false), auth: false, stream: false },
-            Scenario { name: "passthrough json", url: through.clone(), body: body("small", false), auth: true, stream: false },
+            Scenario {
+                name: "direct json",
+                url: direct.clone(),
+                body: body("mock-small", false),
+                auth: false,
+                stream: false,
+            },
+            Scenario {
+                name: "passthrough json",
+                url: through.clone(),
+                body: body("small", false),
+                auth: true,
+                stream: false,
+            },
         ),
         (
-            Scenario { name: "direct json", url: direct.clone(), body: body("mock-small", false), auth: false, stream: false },
-            Scenario { name: "auto json", url: through.clone(), body: body("auto", false), auth: true, stream: false },
+            Scenario {
+                name: "direct json",
+                url: direct.clone(),
+                body: body("mock-small", false),
+                auth: false,
+                stream: false,
+            },
+            Scenario {
+                name: "auto json",
+                url: through.clone(),
+                body: body("auto", false),
+                auth: true,
+                stream: false,
+            },
         ),
         (
-            Scenario { name: "direct json", url: direct.clone(), body: body("mock-small", false), auth: false, stream: false },
-            Scenario { name: "cache-hit json", url: through.clone(), body: body("cached", false), auth: true, stream: false },
+            Scenario {
+                name: "direct json",
+                url: direct.clone(),
+                body: body("mock-small", false),
+                auth: false,
+                stream: false,
+            },
+            Scenario {
+                name: "cache-hit json",
+                url: through.clone(),
+                body: body("cached", false),
+                auth: true,
+                stream: false,
+            },
         ),
         (
-            Scenario { name: "direct sse", url: direct.clone(), body: body("mock-small", true), auth: false, stream: true },
-            Scenario { name: "passthrough sse", url: through.clone(), body: body("small", true), auth: true, stream: true },
+            Scenario {
+                name: "direct sse",
+                url: direct.clone(),
+                body: body("mock-small", true),
+                auth: false,
+                stream: true,
+            },
+            Scenario {
+                name: "passthrough sse",
+                url: through.clone(),
+                body: body("small", true),
+                auth: true,
+                stream: true,
+            },
         ),
         (
-            Scenario { name: "direct sse", url: direct.clone(), body: body("mock-small", true), auth: false, stream: true },
-            Scenario { name: "auto sse", url: through.clone(), body: body("auto", true), auth: true, stream: true },
+            Scenario {
+                name: "direct sse",
+                url: direct.clone(),
+                body: body("mock-small", true),
+                auth: false,
+                stream: true,
+            },
+            Scenario {
+                name: "auto sse",
+                url: through.clone(),
+                body: body("auto", true),
+                auth: true,
+                stream: true,
+            },
         ),
     ];
     // Warm up connections and the cache entry.
@@ -280,7 +374,19 @@ async fn main() {
     println!("triage load benchmark: {secs} s per cell, load generator on the same machine");
     println!(
         "{:<18} {:>5} | {:>9} {:>8} {:>8} {:>8} | {:>9} {:>8} {:>8} {:>8} | {:>9} {:>7} {:>6}",
-        "scenario", "conc", "direct/s", "p50 ms", "p99 ms", "ttfb50", "triage/s", "p50 ms", "p99 ms", "ttfb50", "ovh p50", "ratio", "errors"
+        "scenario",
+        "conc",
+        "direct/s",
+        "p50 ms",
+        "p99 ms",
+        "ttfb50",
+        "triage/s",
+        "p50 ms",
+        "p99 ms",
+        "ttfb50",
+        "ovh p50",
+        "ratio",
+        "errors"
     );
     for (d, t) in &pairs {
         for &c in &concs {
@@ -297,7 +403,10 @@ async fn main() {
     // Memory with 1,000 open streams against a slow upstream.
     let after_load = rss_mb(pid);
     let n = 1000;
-    let slow_client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let slow_client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let stop = Arc::new(tokio::sync::Notify::new());
     let mut handles = Vec::new();
@@ -319,7 +428,9 @@ async fn main() {
         }));
     }
     let t0 = Instant::now();
-    while opened.load(std::sync::atomic::Ordering::SeqCst) < n && t0.elapsed() < Duration::from_secs(30) {
+    while opened.load(std::sync::atomic::Ordering::SeqCst) < n
+        && t0.elapsed() < Duration::from_secs(30)
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;

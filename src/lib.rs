@@ -42,7 +42,10 @@ pub fn build_state(config: config::Config) -> Result<Arc<server::state::AppState
 }
 
 /// Re-reads a config file and swaps it in; on any error the running config stays.
-pub fn reload_from_file(state: &server::state::AppState, path: &std::path::Path) -> Result<Vec<String>, StartupError> {
+pub fn reload_from_file(
+    state: &server::state::AppState,
+    path: &std::path::Path,
+) -> Result<Vec<String>, StartupError> {
     let cfg = config::Config::load(path)?;
     let warnings = cfg.warnings.clone();
     state.reload(cfg)?;

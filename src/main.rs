@@ -8,7 +8,11 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "triage", version, about = "An OpenAI-compatible LLM gateway that classifies, routes and meters every request")]
+#[command(
+    name = "triage",
+    version,
+    about = "An OpenAI-compatible LLM gateway that classifies, routes and meters every request"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -114,21 +118,38 @@ fn main() -> ExitCode {
         Command::Serve { config, listen } => run_async(serve(config, listen)),
         Command::Classify { text, model } => classify(&text, model.as_deref()),
         Command::Classifier { command } => classifier(command),
-        Command::Keys { command: KeysCommand::New { name } } => {
+        Command::Keys {
+            command: KeysCommand::New { name },
+        } => {
             let (key, hash) = triage::auth::new_key();
             println!("key (give this to the client; it is not stored anywhere): {key}\n");
             println!("[keys.{name}]\nkey_sha256 = \"{hash}\"");
             ExitCode::SUCCESS
         }
-        Command::Spend { config, key, period } => spend(&config, key.as_deref(), &period),
-        Command::MockUpstream { listen, latency, tokens_per_second, reply_words } => {
-            run_async(mock_upstream(listen, latency.into(), tokens_per_second, reply_words))
-        }
+        Command::Spend {
+            config,
+            key,
+            period,
+        } => spend(&config, key.as_deref(), &period),
+        Command::MockUpstream {
+            listen,
+            latency,
+            tokens_per_second,
+            reply_words,
+        } => run_async(mock_upstream(
+            listen,
+            latency.into(),
+            tokens_per_second,
+            reply_words,
+        )),
     }
 }
 
 fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -171,7 +192,9 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn load_model(path: Option<&std::path::Path>) -> Result<triage::classify::embedded::EmbeddedClassifier, String> {
+fn load_model(
+    path: Option<&std::path::Path>,
+) -> Result<triage::classify::embedded::EmbeddedClassifier, String> {
     use triage::classify::embedded::EmbeddedClassifier;
     match path {
         Some(p) => EmbeddedClassifier::load(p).map_err(|e| e.to_string()),
@@ -191,8 +214,17 @@ fn classify(text: &str, model: Option<&std::path::Path>) -> ExitCode {
     let p = m.classify(text);
     let took = t0.elapsed();
     let label = m.label_name(p.label).unwrap_or("?");
-    println!("label {label}  confidence {:.3}  ({} µs)", p.confidence, took.as_micros());
-    let mut scores: Vec<(&str, f32)> = m.labels().iter().map(String::as_str).zip(p.scores.iter().copied()).collect();
+    println!(
+        "label {label}  confidence {:.3}  ({} µs)",
+        p.confidence,
+        took.as_micros()
+    );
+    let mut scores: Vec<(&str, f32)> = m
+        .labels()
+        .iter()
+        .map(String::as_str)
+        .zip(p.scores.iter().copied())
+        .collect();
     scores.sort_by(|a, b| b.1.total_cmp(&a.1));
     for (l, s) in scores {
         println!("  {l:<12} {s:.3}");
@@ -208,7 +240,8 @@ fn classifier(cmd: ClassifierCommand) -> ExitCode {
             ClassifierCommand::Train { data, out } => {
                 let examples = load_jsonl(&data).map_err(|e| e.to_string())?;
                 let t0 = std::time::Instant::now();
-                let m = EmbeddedClassifier::train(&examples, &TrainOptions::default()).map_err(|e| e.to_string())?;
+                let m = EmbeddedClassifier::train(&examples, &TrainOptions::default())
+                    .map_err(|e| e.to_string())?;
                 m.save(&out).map_err(|e| e.to_string())?;
                 println!(
                     "trained on {} examples ({} labels) in {:.1}s -> {}",
@@ -230,10 +263,19 @@ fn classifier(cmd: ClassifierCommand) -> ExitCode {
                         let (train, test) = match kind {
                             "stratified" => eval::stratified_split(&examples, 0.2, 7),
                             "source" => eval::source_holdout_split(&examples, 0.2, 7),
-                            other => return Err(format!("unknown split {other:?} (stratified or source)")),
+                            other => {
+                                return Err(format!(
+                                    "unknown split {other:?} (stratified or source)"
+                                ))
+                            }
                         };
-                        let m = EmbeddedClassifier::train(&train, &TrainOptions::default()).map_err(|e| e.to_string())?;
-                        println!("{kind} split: trained on {}, evaluated on {}", train.len(), test.len());
+                        let m = EmbeddedClassifier::train(&train, &TrainOptions::default())
+                            .map_err(|e| e.to_string())?;
+                        println!(
+                            "{kind} split: trained on {}, evaluated on {}",
+                            train.len(),
+                            test.len()
+                        );
                         println!("{}", eval::evaluate(&m, &test));
                     }
                 }
@@ -276,9 +318,18 @@ fn spend(config: &std::path::Path, key: Option<&str>, period: &str) -> ExitCode 
     };
     match triage::store::spend_report(state_dir, key, period) {
         Ok(rows) => {
-            println!("{:<20} {:<12} {:>14} {:>10}", "key", "period", "spent_usd", "requests");
+            println!(
+                "{:<20} {:<12} {:>14} {:>10}",
+                "key", "period", "spent_usd", "requests"
+            );
             for r in rows {
-                println!("{:<20} {:<12} {:>14} {:>10}", r.key, r.period, nanos_to_usd_string(r.spent_nanos), r.requests);
+                println!(
+                    "{:<20} {:<12} {:>14} {:>10}",
+                    r.key,
+                    r.period,
+                    nanos_to_usd_string(r.spent_nanos),
+                    r.requests
+                );
             }
             ExitCode::SUCCESS
         }
@@ -299,7 +350,10 @@ fn init_logging(json: bool, level: Option<&str>) -> Option<Telemetry> {
         .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = if json {
-        tracing_subscriber::fmt::layer().json().flatten_event(true).boxed()
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .boxed()
     } else {
         tracing_subscriber::fmt::layer().boxed()
     };
@@ -334,7 +388,13 @@ mod otel {
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_sdk::trace::SdkTracerProvider;
 
-    pub fn layer<S>() -> Result<(tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>, SdkTracerProvider), String>
+    pub fn layer<S>() -> Result<
+        (
+            tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>,
+            SdkTracerProvider,
+        ),
+        String,
+    >
     where
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
@@ -344,7 +404,11 @@ mod otel {
             .map_err(|e| e.to_string())?;
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name("triage").build())
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name("triage")
+                    .build(),
+            )
             .build();
         let tracer = provider.tracer("triage");
         Ok((tracing_opentelemetry::layer().with_tracer(tracer), provider))
@@ -374,9 +438,8 @@ async fn shutdown_signal() {
 }
 
 async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> {
-    let cfg = triage::config::Config::load(&path).map_err(|e| {
-        format!("{} is not valid:\n{e}", path.display())
-    })?;
+    let cfg = triage::config::Config::load(&path)
+        .map_err(|e| format!("{} is not valid:\n{e}", path.display()))?;
     let _telemetry = init_logging(cfg.server.log_json, cfg.server.log_level.as_deref());
     for w in &cfg.warnings {
         tracing::warn!("config: {w}");
@@ -420,15 +483,28 @@ fn spawn_reloader(state: std::sync::Arc<triage::server::state::AppState>, path: 
                     }
                     tracing::info!(config = %path.display(), "config reloaded");
                 }
-                Err(e) => tracing::error!(config = %path.display(), "config reload rejected, keeping the running config:\n{e}"),
+                Err(e) => {
+                    tracing::error!(config = %path.display(), "config reload rejected, keeping the running config:\n{e}")
+                }
             }
         }
     });
 }
 
-async fn mock_upstream(listen: String, latency: std::time::Duration, tps: u32, words: u32) -> Result<(), String> {
-    let settings = triage::config::MockSettings { latency, tokens_per_second: tps, reply_words: words.max(1) };
-    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+async fn mock_upstream(
+    listen: String,
+    latency: std::time::Duration,
+    tps: u32,
+    words: u32,
+) -> Result<(), String> {
+    let settings = triage::config::MockSettings {
+        latency,
+        tokens_per_second: tps,
+        reply_words: words.max(1),
+    };
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     eprintln!("mock upstream on http://{listen}/v1");
     use axum::serve::ListenerExt;
     // Small SSE writes must not wait for Nagle's algorithm.

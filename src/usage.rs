@@ -82,7 +82,10 @@ mod tests {
     fn estimates_are_plausible() {
         assert_eq!(estimate_tokens(""), 0);
         assert_eq!(estimate_tokens("hi"), 1);
-        assert_eq!(estimate_tokens("The quick brown fox jumps over the lazy dog"), 11);
+        assert_eq!(
+            estimate_tokens("The quick brown fox jumps over the lazy dog"),
+            11
+        );
         assert_eq!(estimate_tokens("日本語"), 3);
     }
 
@@ -92,7 +95,12 @@ mod tests {
         let u = Usage::from_json(&v);
         assert_eq!(
             u,
-            Some(Usage { prompt_tokens: 10, completion_tokens: 5, cached_tokens: 4, estimated: false })
+            Some(Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cached_tokens: 4,
+                estimated: false
+            })
         );
     }
 }

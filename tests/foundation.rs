@@ -14,7 +14,11 @@ fn req(model: &str, text: &str, stream: bool) -> async_openai::types::CreateChat
     CreateChatCompletionRequestArgs::default()
         .model(model)
         .stream(stream)
-        .messages([ChatCompletionRequestUserMessageArgs::default().content(text).build().unwrap().into()])
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content(text)
+            .build()
+            .unwrap()
+            .into()])
         .build()
         .unwrap()
 }
@@ -25,19 +29,33 @@ async fn sdk_non_streaming_and_streaming() {
     let gw = start_gateway(&config(&up.url, "")).await;
     let client = openai(&gw);
 
-    let r = client.chat().create(req("fast", "hello there", false)).await.unwrap();
-    assert_eq!(r.choices[0].message.content.as_deref(), Some("echo: hello there"));
+    let r = client
+        .chat()
+        .create(req("fast", "hello there", false))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.choices[0].message.content.as_deref(),
+        Some("echo: hello there")
+    );
     assert_eq!(r.usage.unwrap().completion_tokens, 3);
     // The alias is resolved to the deployment's upstream name.
     assert_eq!(up.last_request()["model"], "fast-upstream");
 
-    let mut s = client.chat().create_stream(req("fast", "stream me please", true)).await.unwrap();
+    let mut s = client
+        .chat()
+        .create_stream(req("fast", "stream me please", true))
+        .await
+        .unwrap();
     let mut text = String::new();
     let mut chunks = 0;
     while let Some(c) = s.next().await {
         let c = c.unwrap();
         chunks += 1;
-        assert!(c.usage.is_none(), "usage chunk must be stripped when not asked for");
+        assert!(
+            c.usage.is_none(),
+            "usage chunk must be stripped when not asked for"
+        );
         if let Some(t) = c.choices.first().and_then(|ch| ch.delta.content.clone()) {
             text.push_str(&t);
         }
@@ -78,28 +96,97 @@ async fn usage_chunk_kept_when_client_asks_and_unknown_fields_pass_through() {
 #[tokio::test]
 async fn error_envelopes_for_bad_input() {
     let up = MockUpstream::echo().await;
-    let gw = start_gateway(&config(&up.url, "[server]\nmax_body_bytes = 1000\n").replace("[server]\nlisten", "[serverx]\nlisten").replace("[serverx]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n", "")).await;
+    let gw = start_gateway(
+        &config(&up.url, "[server]\nmax_body_bytes = 1000\n")
+            .replace("[server]\nlisten", "[serverx]\nlisten")
+            .replace(
+                "[serverx]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n",
+                "",
+            ),
+    )
+    .await;
     let url = format!("{}/chat/completions", gw.base_url());
     let c = http();
 
     let cases: Vec<(reqwest::RequestBuilder, u16, Option<&str>, Option<&str>)> = vec![
-        (c.post(&url).bearer_auth(KEY).body("{not json"), 400, None, None),
-        (c.post(&url).bearer_auth(KEY).json(&json!({"messages": user("x")})), 400, Some("model"), None),
-        (c.post(&url).bearer_auth(KEY).json(&json!({"model": "fast"})), 400, Some("messages"), None),
-        (c.post(&url).bearer_auth(KEY).json(&json!({"model": "nope", "messages": user("x")})), 404, Some("model"), Some("model_not_found")),
-        (c.post(&url).bearer_auth(KEY).body("x".repeat(5000)), 413, None, Some("request_too_large")),
-        (c.get(&url).bearer_auth(KEY), 405, None, Some("method_not_allowed")),
-        (c.post(format!("{}/nothing", gw.base_url())).bearer_auth(KEY), 404, None, Some("not_found")),
-        (c.post(&url).json(&json!({"model": "fast", "messages": user("x")})), 401, None, Some("invalid_api_key")),
-        (c.post(&url).bearer_auth("sk-wrong").json(&json!({"model": "fast", "messages": user("x")})), 401, None, Some("invalid_api_key")),
+        (
+            c.post(&url).bearer_auth(KEY).body("{not json"),
+            400,
+            None,
+            None,
+        ),
+        (
+            c.post(&url)
+                .bearer_auth(KEY)
+                .json(&json!({"messages": user("x")})),
+            400,
+            Some("model"),
+            None,
+        ),
+        (
+            c.post(&url)
+                .bearer_auth(KEY)
+                .json(&json!({"model": "fast"})),
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            c.post(&url)
+                .bearer_auth(KEY)
+                .json(&json!({"model": "nope", "messages": user("x")})),
+            404,
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        (
+            c.post(&url).bearer_auth(KEY).body("x".repeat(5000)),
+            413,
+            None,
+            Some("request_too_large"),
+        ),
+        (
+            c.get(&url).bearer_auth(KEY),
+            405,
+            None,
+            Some("method_not_allowed"),
+        ),
+        (
+            c.post(format!("{}/nothing", gw.base_url()))
+                .bearer_auth(KEY),
+            404,
+            None,
+            Some("not_found"),
+        ),
+        (
+            c.post(&url)
+                .json(&json!({"model": "fast", "messages": user("x")})),
+            401,
+            None,
+            Some("invalid_api_key"),
+        ),
+        (
+            c.post(&url)
+                .bearer_auth("sk-wrong")
+                .json(&json!({"model": "fast", "messages": user("x")})),
+            401,
+            None,
+            Some("invalid_api_key"),
+        ),
     ];
     for (i, (rb, status, param, code)) in cases.into_iter().enumerate() {
         let r = rb.send().await.unwrap();
         assert_eq!(r.status().as_u16(), status, "case {i}");
         let v: Value = r.json().await.unwrap();
         let e = &v["error"];
-        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "case {i}: {v}");
-        assert!(e.get("type").is_some() && e.get("param").is_some() && e.get("code").is_some(), "case {i}: {v}");
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "case {i}: {v}"
+        );
+        assert!(
+            e.get("type").is_some() && e.get("param").is_some() && e.get("code").is_some(),
+            "case {i}: {v}"
+        );
         if let Some(p) = param {
             assert_eq!(e["param"], p, "case {i}");
         }
@@ -120,15 +207,20 @@ async fn fallback_before_first_byte_and_upstream_errors() {
     .await;
     let extra = "[models.primary]\nprovider = \"up\"\nupstream_model = \"fast-upstream\"\nfallbacks = [\"smart\"]\n";
     let gw = start_gateway(&config(&up.url, extra)).await;
-    let (status, headers, body) = post_chat(&gw, json!({"model": "primary", "messages": user("hi")})).await;
+    let (status, headers, body) =
+        post_chat(&gw, json!({"model": "primary", "messages": user("hi")})).await;
     assert_eq!(status, 200, "{body}");
     let route = headers["x-triage-route"].to_str().unwrap();
-    assert!(route.contains("model=smart") && route.contains("fallback_from=primary"), "{route}");
+    assert!(
+        route.contains("model=smart") && route.contains("fallback_from=primary"),
+        "{route}"
+    );
     assert_eq!(up.calls_for("fast-upstream"), 1);
 
     // 4xx from the provider passes through untouched, no fallback.
     up.set_script(|_, _| Reply::Status(400, json!({"error": {"message": "bad tool schema", "type": "invalid_request_error", "param": "tools", "code": null}})));
-    let (status, _, body) = post_chat(&gw, json!({"model": "primary", "messages": user("hi")})).await;
+    let (status, _, body) =
+        post_chat(&gw, json!({"model": "primary", "messages": user("hi")})).await;
     assert_eq!(status, 400);
     assert!(body.contains("bad tool schema"));
 
@@ -147,7 +239,9 @@ async fn fallback_before_first_byte_and_upstream_errors() {
 
 #[tokio::test]
 async fn first_byte_timeout_is_504_and_refused_connection_is_502() {
-    let up = MockUpstream::start(|_, _| Reply::Delay(Duration::from_secs(5), Box::new(Reply::Echo))).await;
+    let up =
+        MockUpstream::start(|_, _| Reply::Delay(Duration::from_secs(5), Box::new(Reply::Echo)))
+            .await;
     let gw = start_gateway(&config(&up.url, "")).await;
     let (status, _, body) = post_chat(&gw, json!({"model": "smart", "messages": user("hi")})).await;
     assert_eq!(status, 504, "{body}");
@@ -174,7 +268,11 @@ async fn broken_stream_ends_with_an_sse_error_event() {
     })
     .await;
     let gw = start_gateway(&config(&up.url, "")).await;
-    let (status, _, body) = post_chat(&gw, json!({"model": "fast", "messages": user("hi"), "stream": true})).await;
+    let (status, _, body) = post_chat(
+        &gw,
+        json!({"model": "fast", "messages": user("hi"), "stream": true}),
+    )
+    .await;
     assert_eq!(status, 200);
     let data = sse_data(&body);
     assert_eq!(data.len(), 2, "{body}");
@@ -187,7 +285,13 @@ async fn broken_stream_ends_with_an_sse_error_event() {
 
 #[tokio::test]
 async fn client_disconnect_cancels_the_upstream_stream() {
-    let up = MockUpstream::start(|_, _| Reply::SlowStream("one two three four five six seven eight nine ten".into(), Duration::from_millis(200))).await;
+    let up = MockUpstream::start(|_, _| {
+        Reply::SlowStream(
+            "one two three four five six seven eight nine ten".into(),
+            Duration::from_millis(200),
+        )
+    })
+    .await;
     let gw = start_gateway(&config(&up.url, "")).await;
     let r = http()
         .post(format!("{}/chat/completions", gw.base_url()))
@@ -200,8 +304,14 @@ async fn client_disconnect_cancels_the_upstream_stream() {
     let first = s.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
     drop(s);
-    assert!(eventually(|| up.state.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 1).await, "upstream stream was not cancelled");
-    assert_eq!(up.state.completed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(
+        eventually(|| up.state.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 1).await,
+        "upstream stream was not cancelled"
+    );
+    assert_eq!(
+        up.state.completed.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
     gw.shutdown().await;
 }
 
@@ -219,43 +329,112 @@ async fn request_ids_models_health_and_passthrough_endpoints() {
     .await;
     let gw = start_gateway(&config(&up.url, "")).await;
     let c = http();
-    let r = c.post(format!("{}/chat/completions", gw.base_url())).bearer_auth(KEY).header("x-request-id", "my-trace-1")
-        .json(&json!({"model": "fast", "messages": user("hi")})).send().await.unwrap();
+    let r = c
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .bearer_auth(KEY)
+        .header("x-request-id", "my-trace-1")
+        .json(&json!({"model": "fast", "messages": user("hi")}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-request-id"], "my-trace-1");
-    let r = c.post(format!("{}/chat/completions", gw.base_url())).bearer_auth(KEY)
-        .json(&json!({"model": "fast", "messages": user("hi")})).send().await.unwrap();
-    assert!(r.headers()["x-request-id"].to_str().unwrap().starts_with("req-"));
+    let r = c
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "fast", "messages": user("hi")}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .starts_with("req-"));
 
-    let models: Value = c.get(format!("{}/models", gw.base_url())).bearer_auth(KEY).send().await.unwrap().json().await.unwrap();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let models: Value = c
+        .get(format!("{}/models", gw.base_url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(models["object"], "list");
     assert!(ids.contains(&"fast") && ids.contains(&"smart"));
 
-    let e: Value = c.post(format!("{}/embeddings", gw.base_url())).bearer_auth(KEY)
-        .json(&json!({"model": "fast", "input": "hello"})).send().await.unwrap().json().await.unwrap();
+    let e: Value = c
+        .post(format!("{}/embeddings", gw.base_url()))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "fast", "input": "hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(e["model"], "fast-upstream");
-    let t: Value = c.post(format!("{}/completions", gw.base_url())).bearer_auth(KEY)
-        .json(&json!({"model": "smart", "prompt": "hello"})).send().await.unwrap().json().await.unwrap();
+    let t: Value = c
+        .post(format!("{}/completions", gw.base_url()))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "smart", "prompt": "hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(t["choices"][0]["text"], "done");
 
     let base = format!("http://{}", gw.addr);
-    assert_eq!(c.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(c.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     gw.shutdown().await;
 }
 
 #[tokio::test]
 async fn graceful_shutdown_lets_open_streams_finish() {
-    let up = MockUpstream::start(|_, _| Reply::SlowStream("a b c d e".into(), Duration::from_millis(100))).await;
+    let up = MockUpstream::start(|_, _| {
+        Reply::SlowStream("a b c d e".into(), Duration::from_millis(100))
+    })
+    .await;
     let gw = start_gateway(&config(&up.url, "")).await;
     let url = format!("{}/chat/completions", gw.base_url());
-    let r = http().post(&url).bearer_auth(KEY).json(&json!({"model": "fast", "messages": user("hi"), "stream": true})).send().await.unwrap();
+    let r = http()
+        .post(&url)
+        .bearer_auth(KEY)
+        .json(&json!({"model": "fast", "messages": user("hi"), "stream": true}))
+        .send()
+        .await
+        .unwrap();
     let reader = tokio::spawn(async move { r.text().await.unwrap() });
     tokio::time::sleep(Duration::from_millis(50)).await;
     let addr = gw.addr;
     gw.shutdown().await;
     let body = reader.await.unwrap();
-    assert_eq!(sse_content(&body), "echo: hi".replace("echo: hi", "a b c d e"));
+    assert_eq!(
+        sse_content(&body),
+        "echo: hi".replace("echo: hi", "a b c d e")
+    );
     assert!(body.ends_with("data: [DONE]\n\n"));
     // The listener is closed.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
@@ -263,20 +442,34 @@ async fn graceful_shutdown_lets_open_streams_finish() {
 
 #[tokio::test]
 async fn builtin_mock_provider_answers_without_network() {
-    let toml = format!(
-        "auth = \"none\"\n[store]\nkind = \"memory\"\n[providers.mock]\nkind = \"mock\"\n[models.m]\nprovider = \"mock\"\nupstream_model = \"mock-1\"\n"
-    );
-    let gw = start_gateway(&toml).await;
+    let toml = "auth = \"none\"\n[store]\nkind = \"memory\"\n[providers.mock]\nkind = \"mock\"\n[models.m]\nprovider = \"mock\"\nupstream_model = \"mock-1\"\n";
+    let gw = start_gateway(toml).await;
     let client = openai_with_key(&gw, "anything");
-    let r = client.chat().create(req("m", "What is a monad?", false)).await.unwrap();
+    let r = client
+        .chat()
+        .create(req("m", "What is a monad?", false))
+        .await
+        .unwrap();
     let text = r.choices[0].message.content.clone().unwrap();
-    assert!(text.starts_with("[mock-1] You asked: \"What is a monad?\""), "{text}");
+    assert!(
+        text.starts_with("[mock-1] You asked: \"What is a monad?\""),
+        "{text}"
+    );
     let u = r.usage.unwrap();
     assert!(u.prompt_tokens > 0 && u.completion_tokens == 24);
-    let mut s = client.chat().create_stream(req("m", "What is a monad?", true)).await.unwrap();
+    let mut s = client
+        .chat()
+        .create_stream(req("m", "What is a monad?", true))
+        .await
+        .unwrap();
     let mut streamed = String::new();
     while let Some(c) = s.next().await {
-        if let Some(t) = c.unwrap().choices.first().and_then(|c| c.delta.content.clone()) {
+        if let Some(t) = c
+            .unwrap()
+            .choices
+            .first()
+            .and_then(|c| c.delta.content.clone())
+        {
             streamed.push_str(&t);
         }
     }
@@ -306,14 +499,32 @@ fn shipped_configs_are_valid() {
 fn check_command_reports_key_paths_and_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "auth = \"none\"\n[providers.p]\nkind = \"mock\"\n[models.fast]\nprovider = \"opnai\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage")).args(["check", "-c", bad.to_str().unwrap()]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("models.fast.provider: unknown provider \"opnai\""), "{text}");
+    std::fs::write(
+        &bad,
+        "auth = \"none\"\n[providers.p]\nkind = \"mock\"\n[models.fast]\nprovider = \"opnai\"\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage"))
-        .args(["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/config/triage.toml")])
+        .args(["check", "-c", bad.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("models.fast.provider: unknown provider \"opnai\""),
+        "{text}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage"))
+        .args([
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/triage.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
-use triage::guard::{SessionKey, SessionStore, SessionUsage};
+use triage::guard::{SessionKey, SessionUsage};
 use triage::server::Gateway;
 
 /// A rules router `g` whose catch-all rule picks tier `small` (unknown: `large`),

@@ -468,3 +468,371 @@ fn store_config_is_validated_with_key_paths() {
         .to_string();
     assert!(err.contains("store.kind:"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Agent sessions and the response cache, shared through Redis.
+
+const KEY3: &str = "sk-test-key-3";
+
+/// Three replicas on `redis` with `extra` appended under `[keys.app]` (then any tables).
+async fn fleet_with(upstream: &str, redis: &str, policy: &str, extra: &str) -> Fleet {
+    let mut gws = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!(
+            "[store]\nkind = \"redis\"\nurl = \"{redis}\"\non_unavailable = \"{policy}\"\nstate_dir = \"{}\"\nreservation_ttl = \"1m\"\n",
+            dir.path().display()
+        );
+        let toml = config(upstream, extra).replace("[store]\nkind = \"memory\"\n", &store);
+        assert!(toml.contains("kind = \"redis\""));
+        gws.push(start_gateway(&toml).await);
+        dirs.push(dir);
+    }
+    Fleet { gws, _dirs: dirs }
+}
+
+/// Guards: `app` max 3 turns; `other` max 1 token; `ttl` max 1 turn, forgotten after 2 s idle.
+fn session_guards() -> String {
+    format!(
+        r#"[keys.app.guard]
+max_turns = 3
+[keys.other]
+key_sha256 = "{}"
+[keys.other.guard]
+max_tokens = 1
+[keys.ttl]
+key_sha256 = "{}"
+[keys.ttl.guard]
+max_turns = 1
+idle_ttl = "2s"
+"#,
+        sha(KEY2),
+        sha(KEY3)
+    )
+}
+
+/// (status, headers, body) of a chat request in session `session`.
+async fn in_session(
+    gw: &Gateway,
+    key: &str,
+    session: &str,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = http()
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .bearer_auth(key)
+        .header("x-triage-session", session)
+        .json(&json!({"model": "fast", "messages": user("hello")}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+fn redis_con(redis: &Redis) -> redis::Connection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+/// Redis key of a key-guard session (`{triage:session:LEN:SCOPE:ID}`).
+fn session_key(key_name: &str, id: &str) -> String {
+    let scope = format!("key:{key_name}");
+    format!("{{triage:session:{}:{scope}:{id}}}", scope.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_are_shared_by_three_replicas() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let up = MockUpstream::start(|_, _| Reply::Content("ok".into())).await;
+    let f = fleet_with(&up.url, &redis.url(), "fail_closed", &session_guards()).await;
+
+    // max_turns = 3, twelve concurrent requests of one session over three replicas: exactly 3.
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let url = f.gws[i % 3].base_url();
+            tokio::spawn(async move {
+                let r = http()
+                    .post(format!("{url}/chat/completions"))
+                    .bearer_auth(KEY)
+                    .header("x-triage-session", "run-1")
+                    .json(&json!({"model": "fast", "messages": user("hello")}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let limit = r
+                    .headers()
+                    .get("x-triage-session-limit")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let v: Value = r.json().await.unwrap();
+                (
+                    status,
+                    v["error"]["code"].as_str().map(str::to_string),
+                    limit,
+                )
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, _, _) => ok += 1,
+            (429, Some(code), Some(limit)) => {
+                assert_eq!(code, "session_limit_exceeded");
+                assert_eq!(limit, "turns=3/3");
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(ok, 3);
+    assert_eq!(up.calls(), 3, "refused turns never reach the provider");
+    // Every replica reads the same counters; refused requests were not counted.
+    let run1 = triage::guard::SessionKey::new("key:app", "run-1");
+    for gw in &f.gws {
+        let u = gw.state.sessions.usage(&run1).await.unwrap();
+        assert_eq!(u.turns, 3);
+    }
+    // Another session of the same key is independent.
+    assert_eq!(in_session(&f.gws[2], KEY, "run-1b").await.0, 200);
+
+    // Tokens recorded by one replica count on another: max_tokens = 1 is reached by one answer.
+    assert_eq!(in_session(&f.gws[0], KEY2, "run-2").await.0, 200);
+    let run2 = triage::guard::SessionKey::new("key:other", "run-2");
+    let mut tokens = 0;
+    for _ in 0..200 {
+        if let Some(u) = f.gws[1].state.sessions.usage(&run2).await {
+            tokens = u.tokens;
+            if tokens > 0 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(tokens > 1, "usage recorded on replica 0, read on replica 1");
+    let (status, h, v) = in_session(&f.gws[2], KEY2, "run-2").await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(
+        h.get("x-triage-session-limit").unwrap(),
+        &format!("tokens={tokens}/1")
+    );
+
+    // Idle TTL: the hash expires idle_ttl after its last touch; then the session starts over.
+    let mut con = redis_con(&redis);
+    assert_eq!(in_session(&f.gws[0], KEY3, "run-3").await.0, 200);
+    let k = session_key("ttl", "run-3");
+    let pttl: i64 = redis::cmd("PTTL").arg(&k).query(&mut con).unwrap();
+    assert!(pttl > 0 && pttl <= 2000, "pttl {pttl}");
+    let first: u64 = redis::cmd("HGET")
+        .arg(&k)
+        .arg("first")
+        .query(&mut con)
+        .unwrap();
+    let (status, h, _) = in_session(&f.gws[1], KEY3, "run-3").await;
+    assert_eq!(status, 429);
+    assert_eq!(h.get("x-triage-session-limit").unwrap(), "turns=1/1");
+    // The refusal renewed the TTL but neither counted a turn nor moved first_seen.
+    let (turns, first_after): (u64, u64) = redis::cmd("HMGET")
+        .arg(&k)
+        .arg("turns")
+        .arg("first")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!((turns, first_after), (1, first));
+    let mut gone = false;
+    for _ in 0..100 {
+        let n: i64 = redis::cmd("EXISTS").arg(&k).query(&mut con).unwrap();
+        if n == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "session expired after idle_ttl");
+    assert_eq!(in_session(&f.gws[2], KEY3, "run-3").await.0, 200);
+    let run3 = triage::guard::SessionKey::new("key:ttl", "run-3");
+    assert_eq!(f.gws[2].state.sessions.usage(&run3).await.unwrap().turns, 1);
+    f.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_follow_the_unavailability_policy() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    let up = MockUpstream::start(|_, _| Reply::Content("ok".into())).await;
+    let closed = fleet_with(&up.url, &redis.url(), "fail_closed", &session_guards()).await;
+    let open = fleet_with(&up.url, &redis.url(), "fail_open", &session_guards()).await;
+    assert_eq!(in_session(&open.gws[0], KEY, "s").await.0, 200);
+    redis.kill();
+
+    // fail_closed: the session store refuses (before the limiter is even asked).
+    let (status, h, v) = in_session(&closed.gws[0], KEY, "s").await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable");
+    assert_eq!(h.get("retry-after").unwrap(), "1");
+    assert!(
+        metric(
+            &closed.gws[0],
+            "triage_store_unavailable_total",
+            &[("op", "session"), ("outcome", "refused")]
+        ) >= 1.0
+    );
+
+    // fail_open: each replica counts the session on its own (max_turns = 3 per replica).
+    for _ in 0..3 {
+        assert_eq!(in_session(&open.gws[1], KEY, "s").await.0, 200);
+    }
+    let (status, h, _) = in_session(&open.gws[1], KEY, "s").await;
+    assert_eq!(status, 429);
+    assert_eq!(h.get("x-triage-session-limit").unwrap(), "turns=3/3");
+    assert!(
+        metric(
+            &open.gws[1],
+            "triage_store_unavailable_total",
+            &[("op", "session"), ("outcome", "local")]
+        ) >= 1.0
+    );
+
+    // Back on the same port (empty): the session store reconnects on its own.
+    let redis = Redis::start_on(redis.port).await.unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        if in_session(&closed.gws[0], KEY, "s2").await.0 == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "sessions served from redis again");
+    let n: i64 = redis::cmd("EXISTS")
+        .arg(session_key("app", "s2"))
+        .query(&mut redis_con(&redis))
+        .unwrap();
+    assert_eq!(n, 1);
+    closed.shutdown().await;
+    open.shutdown().await;
+}
+
+/// Waits until Redis holds `n` shared cache entries; returns their keys.
+async fn cache_keys(con: &mut redis::Connection, n: usize) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for _ in 0..200 {
+        keys = redis::cmd("KEYS")
+            .arg("{triage:cache:*")
+            .query(con)
+            .unwrap();
+        if keys.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shared_cache_answers_from_another_replica() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let up = MockUpstream::start(|req, _| {
+        if req["messages"][0]["content"] == "long" {
+            Reply::Content("x".repeat(10_000))
+        } else {
+            Reply::Content("the cached answer".into())
+        }
+    })
+    .await;
+    // Entries up to max_bytes / 8 = 8 KiB are cached (and shared).
+    let extra = "[cache]\nshared = true\nttl = \"1m\"\nmax_bytes = 65536\n";
+    let f = fleet_with(&up.url, &redis.url(), "fail_closed", extra).await;
+    let mut con = redis_con(&redis);
+    let ask = |stream: bool, text: &str| json!({"model": "fast", "messages": user(text), "stream": stream});
+
+    // Replica 0 fills (non-streamed); replica 1 answers from Redis, replica 2 streams it.
+    let (status, _, first) = post_chat(&f.gws[0], ask(false, "q1")).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(up.calls(), 1);
+    let keys = cache_keys(&mut con, 1).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let pttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query(&mut con).unwrap();
+    assert!(pttl > 0 && pttl <= 60_000, "entry TTL {pttl}");
+    let (status, h, text) = post_chat(&f.gws[1], ask(false, "q1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(h.get("x-triage-cache").unwrap(), "hit");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "the cached answer");
+    assert_eq!(
+        v["usage"],
+        serde_json::from_str::<Value>(&first).unwrap()["usage"]
+    );
+    let (status, h, text) = post_chat(&f.gws[2], ask(true, "q1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(h.get("x-triage-cache").unwrap(), "hit");
+    assert_eq!(sse_content(&text), "the cached answer");
+    assert_eq!(up.calls(), 1, "no upstream call for a shared hit");
+    let shared_hits = |gw: &Gateway| {
+        gw.state
+            .cache
+            .load()
+            .as_ref()
+            .as_ref()
+            .unwrap()
+            .stats()
+            .shared_hits
+    };
+    assert_eq!(shared_hits(&f.gws[1]), 1);
+    // Now in replica 1's memory too: the next hit does not ask Redis.
+    assert_eq!(post_chat(&f.gws[1], ask(false, "q1")).await.0, 200);
+    assert_eq!(shared_hits(&f.gws[1]), 1);
+
+    // A streamed fill shares its chunks: replayed as a stream elsewhere, chunk for chunk.
+    let (status, _, streamed) = post_chat(&f.gws[1], ask(true, "q2")).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.calls(), 2);
+    assert_eq!(cache_keys(&mut con, 2).await.len(), 2);
+    let (status, h, replay) = post_chat(&f.gws[0], ask(true, "q2")).await;
+    assert_eq!(status, 200);
+    assert_eq!(h.get("x-triage-cache").unwrap(), "hit");
+    assert_eq!(sse_content(&replay), sse_content(&streamed));
+    assert_eq!(sse_data(&replay).len(), sse_data(&streamed).len());
+    let (_, h, text) = post_chat(&f.gws[2], ask(false, "q2")).await;
+    assert_eq!(h.get("x-triage-cache").unwrap(), "hit");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "the cached answer");
+    assert_eq!(up.calls(), 2);
+
+    // Too large for the cache: neither kept nor shared.
+    assert_eq!(post_chat(&f.gws[0], ask(false, "long")).await.0, 200);
+    assert_eq!(post_chat(&f.gws[1], ask(false, "long")).await.0, 200);
+    assert_eq!(up.calls(), 4);
+    let n: usize = redis::cmd("KEYS")
+        .arg("{triage:cache:*")
+        .query::<Vec<String>>(&mut con)
+        .unwrap()
+        .len();
+    assert_eq!(n, 2);
+    f.shutdown().await;
+}
+
+#[test]
+fn shared_cache_needs_the_redis_store() {
+    let parse = |toml: String| triage::config::Config::parse(&toml, std::path::Path::new("."));
+    let err = parse(config("http://127.0.0.1:9/v1", "[cache]\nshared = true\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cache.shared: needs [store] kind = \"redis\""),
+        "{err}"
+    );
+    let toml = config("http://127.0.0.1:9/v1", "[cache]\nshared = true\n").replace(
+        "[store]\nkind = \"memory\"\n",
+        "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/\"\n",
+    );
+    assert!(parse(toml).unwrap().cache.shared);
+}

@@ -1743,6 +1743,10 @@ async fn refused_requests_make_no_llm_classifier_call() {
         statuses.push(status);
     }
     assert_eq!(statuses, vec![200, 429, 429]);
-    assert_eq!(up.calls_for("cls-upstream"), 1, "refused requests must not reach the classifier");
+    assert_eq!(
+        up.calls_for("cls-upstream"),
+        1,
+        "refused requests must not reach the classifier"
+    );
     gw.shutdown().await;
 }

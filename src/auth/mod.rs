@@ -59,7 +59,10 @@ impl KeyTable {
 
 /// The secret from `Authorization: Bearer`, `x-api-key` or `api-key`.
 pub fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let v = v.trim();
         let token = v
             .strip_prefix("Bearer ")
@@ -112,7 +115,10 @@ mod tests {
             limits: LimitsConfig::default(),
             guard: None,
         }]);
-        assert_eq!(table.authenticate(&key).map(|k| k.name.as_str()), Some("app"));
+        assert_eq!(
+            table.authenticate(&key).map(|k| k.name.as_str()),
+            Some("app")
+        );
         assert!(table.authenticate("sk-wrong").is_none());
         assert!(table.authenticate(&hash).is_none());
     }
@@ -120,7 +126,10 @@ mod tests {
     #[test]
     fn reads_the_usual_headers() {
         let mut h = http::HeaderMap::new();
-        h.insert("authorization", http::HeaderValue::from_static("Bearer abc"));
+        h.insert(
+            "authorization",
+            http::HeaderValue::from_static("Bearer abc"),
+        );
         assert_eq!(presented_key(&h), Some("abc"));
         let mut h = http::HeaderMap::new();
         h.insert("x-api-key", http::HeaderValue::from_static("xyz"));

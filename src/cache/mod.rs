@@ -10,14 +10,20 @@
 //!      `guard.complete(Entry::from_..., ttl).await`; on error/disconnect just drop
 //!      the guard (errors are never cached; a waiter takes over).
 //!    - `Bypass`: fetch, do not store.
+//!
+//! With a [`SharedTier`] (Redis), a `Use` lookup that misses in memory asks Redis before
+//! fetching (the leader does, so single-flight stays per replica), and every completed fill is
+//! also written to Redis in the background.
 
 mod json;
 mod key;
 mod policy;
+mod shared;
 
 pub use json::{assemble_completion, completion_to_chunks, refresh_ids, DEFAULT_CHUNK_CHARS};
 pub use key::{cache_key, cache_key_with, CacheKey, IGNORED_FIELDS};
 pub use policy::{cache_mode, CacheControl, CacheMode};
+pub use shared::{decode as decode_shared, encode as encode_shared, SharedTier};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -226,8 +232,10 @@ impl CacheConfig {
 /// Counters for metrics (monotonic except `bytes`, `entries`, `inflight`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
-    /// Lookups served from the store.
+    /// Lookups served from the store (memory or the shared tier).
     pub hits: u64,
+    /// Of `hits`, those read from the shared tier (Redis).
+    pub shared_hits: u64,
     /// Lookups served by waiting for an identical in-flight request.
     pub coalesced: u64,
     /// Lookups that had to fetch (leaders, plus waiters that timed out).
@@ -257,6 +265,7 @@ pub struct CacheStats {
 #[derive(Default)]
 struct Counters {
     hits: AtomicU64,
+    shared_hits: AtomicU64,
     coalesced: AtomicU64,
     misses: AtomicU64,
     refreshes: AtomicU64,
@@ -310,6 +319,7 @@ struct Inner {
     inflight: Mutex<HashMap<CacheKey, Flight>>,
     counters: Arc<Counters>,
     cfg: CacheConfig,
+    shared: Option<SharedTier>,
 }
 
 /// The response cache; cheap to clone (shared state).
@@ -346,6 +356,15 @@ enum Join {
 impl ResponseCache {
     /// Builds an empty cache.
     pub fn new(cfg: CacheConfig) -> Self {
+        Self::build(cfg, None)
+    }
+
+    /// Builds an empty cache backed by a shared tier (see the module docs).
+    pub fn with_shared(cfg: CacheConfig, shared: SharedTier) -> Self {
+        Self::build(cfg, Some(shared))
+    }
+
+    fn build(cfg: CacheConfig, shared: Option<SharedTier>) -> Self {
         let counters = Arc::new(Counters::default());
         let listener_counters = Arc::clone(&counters);
         let store = moka::future::Cache::builder()
@@ -364,6 +383,7 @@ impl ResponseCache {
                 inflight: Mutex::new(HashMap::new()),
                 counters,
                 cfg,
+                shared,
             }),
         }
     }
@@ -418,6 +438,12 @@ impl ResponseCache {
                         bump(&c.hits);
                         return Lookup::Hit(s.entry);
                     }
+                    if let Some(entry) = self.shared_get(&key).await {
+                        guard.resolve(FlightState::Done(Arc::clone(&entry)));
+                        bump(&c.hits);
+                        bump(&c.shared_hits);
+                        return Lookup::Hit(entry);
+                    }
                     bump(&c.misses);
                     return Lookup::Miss(guard);
                 }
@@ -440,6 +466,34 @@ impl ResponseCache {
             }
             // Leader gave up: loop; the first waiter to `join` leads, the rest wait.
         }
+    }
+
+    /// Reads the shared tier; a hit is kept in memory for the rest of its shared TTL.
+    async fn shared_get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        let (entry, ttl) = self.inner.shared.as_ref()?.get(key).await?;
+        let entry = Arc::new(entry);
+        self.insert(*key, Arc::clone(&entry), Some(ttl)).await;
+        Some(entry)
+    }
+
+    /// Writes a completed fill to the shared tier, off the response path; entries too large
+    /// for memory are not shared either.
+    fn share(&self, key: CacheKey, entry: &Arc<Entry>, ttl: Option<Duration>) {
+        let Some(tier) = &self.inner.shared else {
+            return;
+        };
+        let ttl = ttl.unwrap_or(self.inner.cfg.default_ttl);
+        if ttl.is_zero()
+            || entry.weight() > self.inner.cfg.max_entry_bytes.min(self.inner.cfg.max_bytes)
+        {
+            return;
+        }
+        tier.put_background(&key, Arc::clone(entry), ttl);
+    }
+
+    /// Whether this cache has a shared tier.
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared.is_some()
     }
 
     /// Registers as leader for `key`, or subscribes to the current leader.
@@ -465,7 +519,8 @@ impl ResponseCache {
         }
     }
 
-    /// Stores `entry` directly (no single-flight); `None` TTL uses the default.
+    /// Stores `entry` directly in memory (no single-flight, not written to the shared tier);
+    /// `None` TTL uses the default.
     pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>, ttl: Option<Duration>) {
         let ttl = ttl.unwrap_or(self.inner.cfg.default_ttl);
         if ttl.is_zero() {
@@ -506,6 +561,7 @@ impl ResponseCache {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
             hits: r(&c.hits),
+            shared_hits: r(&c.shared_hits),
             coalesced: r(&c.coalesced),
             misses: r(&c.misses),
             refreshes: r(&c.refreshes),
@@ -561,6 +617,7 @@ impl FillGuard {
         let entry = Arc::new(entry);
         // If this future is dropped mid-insert, `Drop` releases the waiters.
         self.cache.insert(self.key, Arc::clone(&entry), ttl).await;
+        self.cache.share(self.key, &entry, ttl);
         self.resolve(FlightState::Done(Arc::clone(&entry)));
         entry
     }

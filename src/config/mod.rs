@@ -255,6 +255,8 @@ pub struct CacheConfig {
     pub ttl: Duration,
     pub scope: CacheScope,
     pub cache_sampled: bool,
+    /// A Redis tier shared by every replica (`[store] kind = "redis"` only).
+    pub shared: bool,
     pub models: BTreeMap<String, RawCacheOverride>,
 }
 
@@ -267,7 +269,9 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     Memory,
-    Sqlite { state_dir: PathBuf },
+    Sqlite {
+        state_dir: PathBuf,
+    },
     /// Limits shared by every replica through Redis; each replica still appends its settlements
     /// to its own SQLite ledger under `state_dir`.
     Redis {
@@ -285,7 +289,9 @@ impl StoreConfig {
     pub fn state_dir(&self) -> Option<&Path> {
         match self {
             StoreConfig::Memory => None,
-            StoreConfig::Sqlite { state_dir } | StoreConfig::Redis { state_dir, .. } => Some(state_dir),
+            StoreConfig::Sqlite { state_dir } | StoreConfig::Redis { state_dir, .. } => {
+                Some(state_dir)
+            }
         }
     }
 }
@@ -382,7 +388,10 @@ pub fn validate(
         None | Some("keys") => AuthMode::Keys,
         Some("none") => AuthMode::None,
         Some(other) => {
-            v.err("auth", format!("unknown auth mode {other:?} (expected \"keys\" or \"none\")"));
+            v.err(
+                "auth",
+                format!("unknown auth mode {other:?} (expected \"keys\" or \"none\")"),
+            );
             AuthMode::Keys
         }
     };
@@ -406,12 +415,18 @@ pub fn validate(
         }
         if let Some(f) = &c.model_file {
             if !base_dir.join(f).exists() {
-                v.err(format!("{path}.model_file"), format!("file {f:?} not found"));
+                v.err(
+                    format!("{path}.model_file"),
+                    format!("file {f:?} not found"),
+                );
             }
         }
         for (label, ex) in &c.examples {
             if ex.is_empty() {
-                v.err(format!("{path}.examples.{label}"), "needs at least one example");
+                v.err(
+                    format!("{path}.examples.{label}"),
+                    "needs at least one example",
+                );
             }
         }
     }
@@ -421,7 +436,15 @@ pub fn validate(
         .iter()
         .map(|(name, t)| {
             let path = format!("teams.{name}");
-            let l = validate_limits(&mut v, &path, t.rpm, t.tpm, t.max_parallel, t.budget, &t.period);
+            let l = validate_limits(
+                &mut v,
+                &path,
+                t.rpm,
+                t.tpm,
+                t.max_parallel,
+                t.budget,
+                &t.period,
+            );
             (name.clone(), l)
         })
         .collect();
@@ -444,6 +467,17 @@ pub fn validate(
         }
     }
     let store = validate_store(&mut v, &raw.store, &providers);
+    if cache.shared {
+        if !matches!(store, StoreConfig::Redis { .. }) {
+            v.err(
+                "cache.shared",
+                "needs [store] kind = \"redis\" (the shared tier lives in Redis)",
+            );
+        } else if !cache.enabled {
+            v.warnings
+                .push("cache.shared: has no effect while cache.enabled = false".to_string());
+        }
+    }
 
     if !v.errors.is_empty() {
         return Err(ConfigErrors { errors: v.errors });
@@ -466,7 +500,11 @@ pub fn validate(
     })
 }
 
-fn validate_store(v: &mut V, raw: &RawStore, providers: &BTreeMap<String, Arc<ProviderConfig>>) -> StoreConfig {
+fn validate_store(
+    v: &mut V,
+    raw: &RawStore,
+    providers: &BTreeMap<String, Arc<ProviderConfig>>,
+) -> StoreConfig {
     // Relative to the working directory, like any server's data dir.
     let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or("state"));
     let kind = raw.kind.as_deref().unwrap_or("sqlite");
@@ -490,11 +528,21 @@ fn validate_store(v: &mut V, raw: &RawStore, providers: &BTreeMap<String, Arc<Pr
         "redis" => {
             let url = match raw.url.as_deref() {
                 None => {
-                    v.err("store.url", "required for kind = \"redis\" (e.g. \"redis://127.0.0.1:6379/\")");
+                    v.err(
+                        "store.url",
+                        "required for kind = \"redis\" (e.g. \"redis://127.0.0.1:6379/\")",
+                    );
                     String::new()
                 }
-                Some(u) if !(u.starts_with("redis://") || u.starts_with("redis+unix://") || u.starts_with("unix://")) => {
-                    v.err("store.url", format!("{u:?} is not a redis:// or unix:// URL (TLS is not supported)"));
+                Some(u)
+                    if !(u.starts_with("redis://")
+                        || u.starts_with("redis+unix://")
+                        || u.starts_with("unix://")) =>
+                {
+                    v.err(
+                        "store.url",
+                        format!("{u:?} is not a redis:// or unix:// URL (TLS is not supported)"),
+                    );
                     u.to_string()
                 }
                 Some(u) => {
@@ -508,21 +556,47 @@ fn validate_store(v: &mut V, raw: &RawStore, providers: &BTreeMap<String, Arc<Pr
                 None | Some("fail_closed") => OnUnavailable::FailClosed,
                 Some("fail_open") => OnUnavailable::FailOpen,
                 Some(other) => {
-                    v.err("store.on_unavailable", format!("unknown policy {other:?} (expected \"fail_closed\" or \"fail_open\")"));
+                    v.err(
+                        "store.on_unavailable",
+                        format!(
+                            "unknown policy {other:?} (expected \"fail_closed\" or \"fail_open\")"
+                        ),
+                    );
                     OnUnavailable::FailClosed
                 }
             };
-            let key_prefix = raw.key_prefix.clone().unwrap_or_else(|| "triage".to_string());
-            if key_prefix.is_empty() || key_prefix.len() > 64 || !key_prefix.chars().all(|c| c.is_ascii_graphic() && c != '{' && c != '}') {
-                v.err("store.key_prefix", format!("{key_prefix:?}: 1 to 64 visible ASCII characters, no braces"));
+            let key_prefix = raw
+                .key_prefix
+                .clone()
+                .unwrap_or_else(|| "triage".to_string());
+            if key_prefix.is_empty()
+                || key_prefix.len() > 64
+                || !key_prefix
+                    .chars()
+                    .all(|c| c.is_ascii_graphic() && c != '{' && c != '}')
+            {
+                v.err(
+                    "store.key_prefix",
+                    format!("{key_prefix:?}: 1 to 64 visible ASCII characters, no braces"),
+                );
             }
-            let reservation_ttl = positive_duration(v, "store.reservation_ttl", raw.reservation_ttl, Duration::from_secs(600));
+            let reservation_ttl = positive_duration(
+                v,
+                "store.reservation_ttl",
+                raw.reservation_ttl,
+                Duration::from_secs(600),
+            );
             if reservation_ttl < Duration::from_secs(1) {
                 v.err("store.reservation_ttl", "must be at least 1s");
             }
-            let timeout = positive_duration(v, "store.timeout", raw.timeout, Duration::from_millis(250));
+            let timeout =
+                positive_duration(v, "store.timeout", raw.timeout, Duration::from_millis(250));
             // A reservation that expires while its request still runs frees budget too early.
-            if let Some((name, longest)) = providers.iter().map(|(n, p)| (n, p.total_timeout)).max_by_key(|(_, t)| *t) {
+            if let Some((name, longest)) = providers
+                .iter()
+                .map(|(n, p)| (n, p.total_timeout))
+                .max_by_key(|(_, t)| *t)
+            {
                 if longest > reservation_ttl {
                     v.warnings.push(format!(
                         "store.reservation_ttl: {} is shorter than providers.{name}.total_timeout ({}); requests running longer lose their reservation",
@@ -541,7 +615,10 @@ fn validate_store(v: &mut V, raw: &RawStore, providers: &BTreeMap<String, Arc<Pr
             }
         }
         other => {
-            v.err("store.kind", format!("unknown store {other:?} (expected \"sqlite\", \"memory\" or \"redis\")"));
+            v.err(
+                "store.kind",
+                format!("unknown store {other:?} (expected \"sqlite\", \"memory\" or \"redis\")"),
+            );
             StoreConfig::Memory
         }
     }
@@ -549,7 +626,10 @@ fn validate_store(v: &mut V, raw: &RawStore, providers: &BTreeMap<String, Arc<Pr
 
 fn validate_server(v: &mut V, s: &RawServer) -> ServerConfig {
     if s.listen.parse::<std::net::SocketAddr>().is_err() {
-        v.err("server.listen", format!("not a socket address: {:?}", s.listen));
+        v.err(
+            "server.listen",
+            format!("not a socket address: {:?}", s.listen),
+        );
     }
     if s.max_body_bytes == 0 {
         v.err("server.max_body_bytes", "must be greater than zero");
@@ -558,7 +638,10 @@ fn validate_server(v: &mut V, s: &RawServer) -> ServerConfig {
         "json" => true,
         "pretty" => false,
         other => {
-            v.err("server.log_format", format!("unknown format {other:?} (expected \"json\" or \"pretty\")"));
+            v.err(
+                "server.log_format",
+                format!("unknown format {other:?} (expected \"json\" or \"pretty\")"),
+            );
             false
         }
     };
@@ -590,7 +673,10 @@ fn validate_providers(
             "openai" => {
                 let base = p.base_url.clone().unwrap_or_default();
                 if !(base.starts_with("http://") || base.starts_with("https://")) {
-                    v.err(format!("{path}.base_url"), "required, must start with http:// or https://");
+                    v.err(
+                        format!("{path}.base_url"),
+                        "required, must start with http:// or https://",
+                    );
                 }
                 ProviderKind::OpenAi {
                     base_url: base.trim_end_matches('/').to_string(),
@@ -602,7 +688,10 @@ fn validate_providers(
                 reply_words: p.reply_words.unwrap_or(24).clamp(1, 4096),
             }),
             other => {
-                v.err(format!("{path}.kind"), format!("unknown provider kind {other:?} (expected \"openai\" or \"mock\")"));
+                v.err(
+                    format!("{path}.kind"),
+                    format!("unknown provider kind {other:?} (expected \"openai\" or \"mock\")"),
+                );
                 continue;
             }
         };
@@ -610,7 +699,10 @@ fn validate_providers(
             Some(var) => match env(var) {
                 Some(k) if !k.is_empty() => Some(k),
                 _ => {
-                    v.err(format!("{path}.api_key_env"), format!("environment variable {var} is not set"));
+                    v.err(
+                        format!("{path}.api_key_env"),
+                        format!("environment variable {var} is not set"),
+                    );
                     None
                 }
             },
@@ -633,9 +725,24 @@ fn validate_providers(
                 kind,
                 api_key,
                 headers,
-                connect_timeout: positive_duration(v, &format!("{path}.connect_timeout"), p.connect_timeout, Duration::from_secs(5)),
-                first_byte_timeout: positive_duration(v, &format!("{path}.first_byte_timeout"), p.first_byte_timeout, Duration::from_secs(60)),
-                total_timeout: positive_duration(v, &format!("{path}.total_timeout"), p.total_timeout, Duration::from_secs(600)),
+                connect_timeout: positive_duration(
+                    v,
+                    &format!("{path}.connect_timeout"),
+                    p.connect_timeout,
+                    Duration::from_secs(5),
+                ),
+                first_byte_timeout: positive_duration(
+                    v,
+                    &format!("{path}.first_byte_timeout"),
+                    p.first_byte_timeout,
+                    Duration::from_secs(60),
+                ),
+                total_timeout: positive_duration(
+                    v,
+                    &format!("{path}.total_timeout"),
+                    p.total_timeout,
+                    Duration::from_secs(600),
+                ),
                 retries: p.retries.unwrap_or(0).min(5),
             }),
         );
@@ -645,7 +752,10 @@ fn validate_providers(
 
 fn price_nanos(v: &mut V, path: &str, usd: f64) -> u64 {
     usd_to_nanos(usd).unwrap_or_else(|| {
-        v.err(path, format!("must be a non-negative USD amount, got {usd}"));
+        v.err(
+            path,
+            format!("must be a non-negative USD amount, got {usd}"),
+        );
         0
     })
 }
@@ -659,13 +769,22 @@ fn validate_models(
     for (name, m) in raw {
         let path = format!("models.{name}");
         if !providers.contains_key(&m.provider) {
-            v.err(format!("{path}.provider"), format!("unknown provider {:?}", m.provider));
+            v.err(
+                format!("{path}.provider"),
+                format!("unknown provider {:?}", m.provider),
+            );
         }
         for (i, f) in m.fallbacks.iter().enumerate() {
             if !raw.contains_key(f) {
-                v.err(format!("{path}.fallbacks[{i}]"), format!("unknown model {f:?}"));
+                v.err(
+                    format!("{path}.fallbacks[{i}]"),
+                    format!("unknown model {f:?}"),
+                );
             } else if f == name {
-                v.err(format!("{path}.fallbacks[{i}]"), "a model cannot fall back to itself");
+                v.err(
+                    format!("{path}.fallbacks[{i}]"),
+                    "a model cannot fall back to itself",
+                );
             }
         }
         let input = price_nanos(v, &format!("{path}.price.input"), m.price.input);
@@ -707,7 +826,10 @@ fn validate_tiers(
         }
         for (i, m) in t.models.iter().enumerate() {
             if !models.contains_key(m) {
-                v.err(format!("{path}.models[{i}]"), format!("unknown model {m:?}"));
+                v.err(
+                    format!("{path}.models[{i}]"),
+                    format!("unknown model {m:?}"),
+                );
             }
         }
         let strategy = match t.strategy.as_deref() {
@@ -715,15 +837,26 @@ fn validate_tiers(
             Some("weighted") => TierStrategy::Weighted,
             Some("least_latency") => TierStrategy::LeastLatency,
             Some(other) => {
-                v.err(format!("{path}.strategy"), format!("unknown strategy {other:?} (expected ordered, weighted or least_latency)"));
+                v.err(
+                    format!("{path}.strategy"),
+                    format!(
+                        "unknown strategy {other:?} (expected ordered, weighted or least_latency)"
+                    ),
+                );
                 TierStrategy::Ordered
             }
         };
         if let Some(f) = &t.fallback_tier {
             if !raw.contains_key(f) {
-                v.err(format!("{path}.fallback_tier"), format!("unknown tier {f:?}"));
+                v.err(
+                    format!("{path}.fallback_tier"),
+                    format!("unknown tier {f:?}"),
+                );
             } else if f == name {
-                v.err(format!("{path}.fallback_tier"), "a tier cannot fall back to itself");
+                v.err(
+                    format!("{path}.fallback_tier"),
+                    "a tier cannot fall back to itself",
+                );
             }
         }
         out.insert(
@@ -734,7 +867,12 @@ fn validate_tiers(
                 strategy,
                 fallback_tier: t.fallback_tier.clone(),
                 cooldown_after: t.cooldown_after.unwrap_or(3).max(1),
-                cooldown: positive_duration(v, &format!("{path}.cooldown"), t.cooldown, Duration::from_secs(30)),
+                cooldown: positive_duration(
+                    v,
+                    &format!("{path}.cooldown"),
+                    t.cooldown,
+                    Duration::from_secs(30),
+                ),
             }),
         );
     }
@@ -744,7 +882,10 @@ fn validate_tiers(
         let mut cur = Some(name.clone());
         while let Some(c) = cur {
             if !seen.insert(c.clone()) {
-                v.err(format!("tiers.{name}.fallback_tier"), "fallback chain forms a cycle");
+                v.err(
+                    format!("tiers.{name}.fallback_tier"),
+                    "fallback chain forms a cycle",
+                );
                 break;
             }
             cur = raw.get(&c).and_then(|t| t.fallback_tier.clone());
@@ -780,14 +921,25 @@ fn validate_routers(
             Some("llm") => match &r.classifier_model {
                 Some(m) if models.contains_key(m) => ClassifierKind::Llm {
                     model: m.clone(),
-                    timeout: positive_duration(v, &format!("{path}.classifier_timeout"), r.classifier_timeout, Duration::from_secs(2)),
+                    timeout: positive_duration(
+                        v,
+                        &format!("{path}.classifier_timeout"),
+                        r.classifier_timeout,
+                        Duration::from_secs(2),
+                    ),
                 },
                 Some(m) => {
-                    v.err(format!("{path}.classifier_model"), format!("unknown model {m:?}"));
+                    v.err(
+                        format!("{path}.classifier_model"),
+                        format!("unknown model {m:?}"),
+                    );
                     ClassifierKind::Rules
                 }
                 None => {
-                    v.err(format!("{path}.classifier_model"), "required when classifier = \"llm\"");
+                    v.err(
+                        format!("{path}.classifier_model"),
+                        "required when classifier = \"llm\"",
+                    );
                     ClassifierKind::Rules
                 }
             },
@@ -819,13 +971,19 @@ fn validate_routers(
             for (i, p) in pats.iter().enumerate() {
                 match regex::RegexBuilder::new(p).case_insensitive(true).build() {
                     Ok(re) => compiled.push(re),
-                    Err(e) => v.err(format!("{path}.keywords.{label}[{i}]"), format!("invalid regex: {e}")),
+                    Err(e) => v.err(
+                        format!("{path}.keywords.{label}[{i}]"),
+                        format!("invalid regex: {e}"),
+                    ),
                 }
             }
             keywords.push((label.clone(), compiled));
         }
         if !tiers.contains_key(&r.unknown_tier) {
-            v.err(format!("{path}.unknown_tier"), format!("unknown tier {:?}", r.unknown_tier));
+            v.err(
+                format!("{path}.unknown_tier"),
+                format!("unknown tier {:?}", r.unknown_tier),
+            );
         }
         let input = match r.input.as_deref() {
             None | Some("last_user") => InputMode::LastUser,
@@ -844,11 +1002,22 @@ fn validate_routers(
         for (i, rule) in r.rules.iter().enumerate() {
             let rpath = format!("{path}.rules[{i}]");
             if !tiers.contains_key(&rule.tier) {
-                v.err(format!("{rpath}.tier"), format!("unknown tier {:?}", rule.tier));
+                v.err(
+                    format!("{rpath}.tier"),
+                    format!("unknown tier {:?}", rule.tier),
+                );
             }
-            let when = validate_when(v, &rpath, rule.when.clone().unwrap_or_default(), &labels, &raw.keys);
+            let when = validate_when(
+                v,
+                &rpath,
+                rule.when.clone().unwrap_or_default(),
+                &labels,
+                &raw.keys,
+            );
             if let Some(c) = catch_all_at {
-                v.warnings.push(format!("{rpath}: unreachable, rule [{c}] before it matches everything"));
+                v.warnings.push(format!(
+                    "{rpath}: unreachable, rule [{c}] before it matches everything"
+                ));
             }
             if when.is_catch_all() && catch_all_at.is_none() {
                 catch_all_at = Some(i);
@@ -865,7 +1034,12 @@ fn validate_routers(
             Arc::new(RouterConfig {
                 name: name.clone(),
                 classifier,
-                min_confidence: confidence(v, &format!("{path}.min_confidence"), r.min_confidence, 0.5),
+                min_confidence: confidence(
+                    v,
+                    &format!("{path}.min_confidence"),
+                    r.min_confidence,
+                    0.5,
+                ),
                 unknown_tier: r.unknown_tier.clone(),
                 input,
                 rules,
@@ -894,7 +1068,10 @@ fn compile_vote(
     let vpath = format!("{path}.vote");
     for (i, m) in vote.models.iter().enumerate() {
         if !models.contains_key(m) {
-            v.err(format!("{vpath}.models[{i}]"), format!("unknown model {m:?}"));
+            v.err(
+                format!("{vpath}.models[{i}]"),
+                format!("unknown model {m:?}"),
+            );
         }
     }
     if let Some(j) = &vote.judge {
@@ -944,7 +1121,10 @@ fn validate_when(
     if let Some(ls) = &label_list {
         for l in ls {
             if l != UNKNOWN_LABEL && !labels.is_empty() && !labels.contains(l) {
-                v.err(format!("{rpath}.when.label"), format!("unknown label {l:?} (known: {})", labels.join(", ")));
+                v.err(
+                    format!("{rpath}.when.label"),
+                    format!("unknown label {l:?} (known: {})", labels.join(", ")),
+                );
             }
         }
     }
@@ -958,14 +1138,20 @@ fn validate_when(
     }
     if let (Some(a), Some(b)) = (w.min_prompt_tokens, w.max_prompt_tokens) {
         if a > b {
-            v.err(format!("{rpath}.when"), "min_prompt_tokens is greater than max_prompt_tokens");
+            v.err(
+                format!("{rpath}.when"),
+                "min_prompt_tokens is greater than max_prompt_tokens",
+            );
         }
     }
     let header = match w.header {
         Some(h) => match http::HeaderName::from_bytes(h.name.as_bytes()) {
             Ok(n) => Some((n, h.value)),
             Err(_) => {
-                v.err(format!("{rpath}.when.header.name"), format!("not a valid header name: {:?}", h.name));
+                v.err(
+                    format!("{rpath}.when.header.name"),
+                    format!("not a valid header name: {:?}", h.name),
+                );
                 None
             }
         },
@@ -999,9 +1185,16 @@ fn validate_limits(
     budget: Option<f64>,
     period: &Option<String>,
 ) -> LimitsConfig {
-    for (field, val) in [("rpm", rpm.map(u64::from)), ("tpm", tpm), ("max_parallel", max_parallel.map(u64::from))] {
+    for (field, val) in [
+        ("rpm", rpm.map(u64::from)),
+        ("tpm", tpm),
+        ("max_parallel", max_parallel.map(u64::from)),
+    ] {
         if val == Some(0) {
-            v.err(format!("{path}.{field}"), "must be greater than zero (omit it for no limit)");
+            v.err(
+                format!("{path}.{field}"),
+                "must be greater than zero (omit it for no limit)",
+            );
         }
     }
     let budget_nanos = budget.map(|b| price_nanos(v, &format!("{path}.budget"), b));
@@ -1012,7 +1205,10 @@ fn validate_limits(
         Some("monthly") => Some(BudgetPeriodKind::Monthly),
         Some("total") => Some(BudgetPeriodKind::Total),
         Some(other) => {
-            v.err(format!("{path}.period"), format!("unknown period {other:?} (expected daily, weekly, monthly or total)"));
+            v.err(
+                format!("{path}.period"),
+                format!("unknown period {other:?} (expected daily, weekly, monthly or total)"),
+            );
             None
         }
     };
@@ -1044,14 +1240,22 @@ fn validate_keys(
                     Some(a)
                 }
                 _ => {
-                    v.err(format!("{path}.key_sha256"), "must be 64 hex characters (see `triage keys new`)");
+                    v.err(
+                        format!("{path}.key_sha256"),
+                        "must be 64 hex characters (see `triage keys new`)",
+                    );
                     None
                 }
             },
             (None, Some(var)) => match env(var) {
-                Some(secret) if !secret.is_empty() => Some(sha2::Sha256::digest(secret.as_bytes()).into()),
+                Some(secret) if !secret.is_empty() => {
+                    Some(sha2::Sha256::digest(secret.as_bytes()).into())
+                }
                 _ => {
-                    v.err(format!("{path}.key_env"), format!("environment variable {var} is not set"));
+                    v.err(
+                        format!("{path}.key_env"),
+                        format!("environment variable {var} is not set"),
+                    );
                     None
                 }
             },
@@ -1071,7 +1275,10 @@ fn validate_keys(
         }
         for (i, a) in k.allow.iter().enumerate() {
             if !raw.routers.contains_key(a) && !raw.models.contains_key(a) {
-                v.err(format!("{path}.allow[{i}]"), format!("unknown router or model {a:?}"));
+                v.err(
+                    format!("{path}.allow[{i}]"),
+                    format!("unknown router or model {a:?}"),
+                );
             }
         }
         let limits = validate_limits(v, &path, k.rpm, k.tpm, k.max_parallel, k.budget, &k.period);
@@ -1107,6 +1314,7 @@ fn validate_cache(
             ttl: Duration::from_secs(300),
             scope: CacheScope::PerKey,
             cache_sampled: false,
+            shared: false,
             models: BTreeMap::new(),
         };
     };
@@ -1114,7 +1322,10 @@ fn validate_cache(
         None | Some("per_key") => CacheScope::PerKey,
         Some("shared") => CacheScope::Shared,
         Some(other) => {
-            v.err("cache.scope", format!("unknown scope {other:?} (expected per_key or shared)"));
+            v.err(
+                "cache.scope",
+                format!("unknown scope {other:?} (expected per_key or shared)"),
+            );
             CacheScope::PerKey
         }
     };
@@ -1129,6 +1340,7 @@ fn validate_cache(
         ttl: positive_duration(v, "cache.ttl", c.ttl, Duration::from_secs(300)),
         scope,
         cache_sampled: c.cache_sampled,
+        shared: c.shared,
         models: c.models.clone(),
     }
 }
@@ -1139,7 +1351,9 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigErrors> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors::one(e.to_string()))?;
-        validate(raw, Path::new("."), &|k| (k == "SET").then(|| "secret".to_string()))
+        validate(raw, Path::new("."), &|k| {
+            (k == "SET").then(|| "secret".to_string())
+        })
     }
 
     const BASE: &str = r#"
@@ -1170,31 +1384,57 @@ tier = \"lage\"
 "
         );
         let errs = parse(&text).err().map(|e| e.errors).unwrap_or_default();
-        assert!(errs.contains(&"models.bad.provider: unknown provider \"opnai\"".to_string()), "{errs:?}");
-        assert!(errs.iter().any(|e| e.starts_with("routers.auto.unknown_tier: unknown tier \"huge\"")));
-        assert!(errs.iter().any(|e| e == "routers.auto.rules[0].tier: unknown tier \"lage\""));
-        assert!(errs.iter().any(|e| e.starts_with("routers.auto.rules[0].when.label: unknown label \"cod\"")));
+        assert!(
+            errs.contains(&"models.bad.provider: unknown provider \"opnai\"".to_string()),
+            "{errs:?}"
+        );
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("routers.auto.unknown_tier: unknown tier \"huge\"")));
+        assert!(errs
+            .iter()
+            .any(|e| e == "routers.auto.rules[0].tier: unknown tier \"lage\""));
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("routers.auto.rules[0].when.label: unknown label \"cod\"")));
     }
 
     #[test]
     fn unknown_keys_are_errors() {
-        let err = parse(&format!("{BASE}\n[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n")).err();
-        assert!(err.map(|e| e.to_string()).unwrap_or_default().contains("listne"));
+        let err = parse(&format!(
+            "{BASE}\n[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n"
+        ))
+        .err();
+        assert!(err
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("listne"));
     }
 
     #[test]
     fn keys_required_unless_auth_none() {
         let text = BASE.replace("auth = \"none\"", "");
         let errs = parse(&text).err().map(|e| e.errors).unwrap_or_default();
-        assert!(errs.iter().any(|e| e.starts_with("keys: no keys configured")));
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("keys: no keys configured")));
     }
 
     #[test]
     fn secrets_come_from_env() {
         let ok = parse(&format!("{BASE}\n[providers.real]\nkind = \"openai\"\nbase_url = \"https://x/v1\"\napi_key_env = \"SET\"\n"));
-        assert_eq!(ok.ok().and_then(|c| c.providers["real"].api_key.clone()).as_deref(), Some("secret"));
+        assert_eq!(
+            ok.ok()
+                .and_then(|c| c.providers["real"].api_key.clone())
+                .as_deref(),
+            Some("secret")
+        );
         let missing = parse(&format!("{BASE}\n[providers.real]\nkind = \"openai\"\nbase_url = \"https://x/v1\"\napi_key_env = \"UNSET\"\n"));
-        assert!(missing.err().map(|e| e.to_string()).unwrap_or_default().contains("providers.real.api_key_env: environment variable UNSET is not set"));
+        assert!(missing
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("providers.real.api_key_env: environment variable UNSET is not set"));
     }
 
     #[test]
@@ -1227,8 +1467,15 @@ tier = \"large\"
 
     #[test]
     fn tier_fallback_cycles_are_rejected() {
-        let text = BASE.replace("[tiers.small]\nmodels = [\"fast\"]", "[tiers.small]\nmodels = [\"fast\"]\nfallback_tier = \"large\"")
-            .replace("[tiers.large]\nmodels = [\"smart\"]", "[tiers.large]\nmodels = [\"smart\"]\nfallback_tier = \"small\"");
+        let text = BASE
+            .replace(
+                "[tiers.small]\nmodels = [\"fast\"]",
+                "[tiers.small]\nmodels = [\"fast\"]\nfallback_tier = \"large\"",
+            )
+            .replace(
+                "[tiers.large]\nmodels = [\"smart\"]",
+                "[tiers.large]\nmodels = [\"smart\"]\nfallback_tier = \"small\"",
+            );
         let errs = parse(&text).err().map(|e| e.errors).unwrap_or_default();
         assert!(errs.iter().any(|e| e.contains("cycle")), "{errs:?}");
     }

@@ -275,6 +275,9 @@ pub struct RawCache {
     /// Allow caching `n > 1` with temperature > 0.
     #[serde(default)]
     pub cache_sampled: bool,
+    /// Also keep entries in Redis, shared by every replica (needs `[store] kind = "redis"`).
+    #[serde(default)]
+    pub shared: bool,
     #[serde(default)]
     pub models: BTreeMap<String, RawCacheOverride>,
 }

@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod loops;
+mod redis;
 pub mod session;
 
 use std::sync::Arc;
@@ -26,9 +27,10 @@ use serde_json::Value;
 
 pub use config::{GuardConfig, LoopAction, LoopConfig, UsdNanos};
 pub use loops::{detect_loop, LoopFinding, LoopKind};
+pub use redis::RedisSessionStore;
 pub use session::{
-    CeilingHit, CeilingKind, CeilingUsage, Limits, MemoryStore, SessionKey, SessionStore,
-    SessionUsage,
+    CeilingHit, CeilingKind, CeilingUsage, Limits, MemoryStore, SessionKey, SessionRefusal,
+    SessionStore, SessionUsage,
 };
 
 /// Suggested response header for [`Warning::header_value`].
@@ -141,6 +143,25 @@ impl Guard {
         let usage = self
             .store
             .admit(key, &self.limits, now_ms, self.cfg.idle_ttl)
+            .await?;
+        Ok(self.warning(&usage, now_ms))
+    }
+
+    /// [`Guard::check`] for the gateway: also refuses with [`SessionRefusal::Unavailable`] when a
+    /// shared session store cannot be reached and its policy is `fail_closed`.
+    pub async fn try_check(
+        &self,
+        session: Option<&SessionKey>,
+        now: SystemTime,
+    ) -> Result<Option<Warning>, SessionRefusal> {
+        let Some(key) = session else { return Ok(None) };
+        if self.limits.is_unlimited() {
+            return Ok(None);
+        }
+        let now_ms = unix_ms(now);
+        let usage = self
+            .store
+            .try_admit(key, &self.limits, now_ms, self.cfg.idle_ttl)
             .await?;
         Ok(self.warning(&usage, now_ms))
     }

@@ -177,9 +177,21 @@ impl Limits {
     }
 }
 
-/// Backing store for session counters. The in-memory [`MemoryStore`] serves one replica; a shared
-/// implementation (e.g. Redis with a Lua script around [`Limits::evaluate`]) serves several. Store
-/// failures are the implementation's policy (fail open or closed), hence no error type here.
+/// Why [`SessionStore::try_admit`] refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SessionRefusal {
+    /// A ceiling is reached.
+    #[error(transparent)]
+    Ceiling(#[from] CeilingHit),
+    /// A shared store could not be reached and its policy is to refuse (`fail_closed`).
+    #[error("the shared session store is unavailable")]
+    Unavailable,
+}
+
+/// Backing store for session counters. The in-memory [`MemoryStore`] serves one replica; the
+/// shared [`super::RedisSessionStore`] (Lua scripts around the same rules as [`Limits::evaluate`])
+/// serves several. Store failures are the implementation's policy (fail open or closed): only
+/// [`SessionStore::try_admit`] can report one.
 #[async_trait]
 pub trait SessionStore: Send + Sync {
     /// Atomically: load or create the session (`first_seen = now_ms`), refuse if a ceiling is reached,
@@ -207,6 +219,21 @@ pub trait SessionStore: Send + Sync {
 
     /// Approximate number of live sessions (for a gauge).
     fn active_count(&self) -> u64;
+
+    /// Like [`SessionStore::admit`], but a shared store that cannot be reached and whose policy
+    /// is to refuse answers [`SessionRefusal::Unavailable`] (`admit` itself cannot say so).
+    async fn try_admit(
+        &self,
+        key: &SessionKey,
+        limits: &Limits,
+        now_ms: u64,
+        idle_ttl: Duration,
+    ) -> Result<SessionUsage, SessionRefusal> {
+        Ok(self.admit(key, limits, now_ms, idle_ttl).await?)
+    }
+
+    /// Runs pending housekeeping (expiry) so that `active_count` is current.
+    fn run_pending_tasks(&self) {}
 }
 
 struct Entry {
@@ -327,6 +354,10 @@ impl SessionStore for MemoryStore {
 
     fn active_count(&self) -> u64 {
         self.cache.entry_count()
+    }
+
+    fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
     }
 }
 

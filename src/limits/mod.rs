@@ -27,6 +27,7 @@ pub use money::{
     NANOS_PER_USD,
 };
 pub use period::Period;
+pub(crate) use redis::Breaker;
 pub use redis::{RedisLimiter, RedisSettings, RedisSetupError, StoreEvent, StoreEvents};
 
 /// Limits for one key or team; `None` means unlimited.

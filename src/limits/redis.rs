@@ -171,7 +171,8 @@ fn build_table(prefix: &str, specs: &LimitSpecs) -> HashMap<String, KeyEntry> {
 }
 
 /// Skips Redis for [`RETRY_EVERY`] after a failure; then lets one caller probe it.
-struct Breaker {
+/// Also used by the async Redis client of sessions and the shared cache (`store::shared_redis`).
+pub(crate) struct Breaker {
     start: Instant,
     down: AtomicBool,
     next_probe_ms: AtomicU64,
@@ -179,11 +180,27 @@ struct Breaker {
 }
 
 impl Breaker {
+    /// A closed breaker (Redis assumed reachable).
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            down: AtomicBool::new(false),
+            next_probe_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the breaker currently considers Redis reachable.
+    pub(crate) fn is_up(&self) -> bool {
+        !self.down.load(Ordering::Acquire)
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn allow(&self) -> bool {
+    /// Whether this call may use Redis; every allowed call must end in `success` or `failure`.
+    pub(crate) fn allow(&self) -> bool {
         if !self.down.load(Ordering::Acquire) {
             return true;
         }
@@ -195,13 +212,13 @@ impl Breaker {
     }
 
     /// Returns true when this call brought the store back.
-    fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.probing.store(false, Ordering::Release);
         self.down.swap(false, Ordering::AcqRel)
     }
 
     /// Returns true when this call took the store down.
-    fn failure(&self) -> bool {
+    pub(crate) fn failure(&self) -> bool {
         let next = self.now_ms().saturating_add(RETRY_EVERY.as_millis() as u64);
         self.next_probe_ms.store(next, Ordering::Release);
         self.probing.store(false, Ordering::Release);
@@ -350,13 +367,17 @@ impl Inner {
     }
 
     /// Replays queued settlements (oldest first) so that the next admission sees their spend.
+    /// Each job is taken out of the queue before it runs, so concurrent replays never apply one
+    /// twice; a job that fails goes back to the front.
     fn replay(&self, con: &mut Conn) -> Result<(), RedisError> {
         for _ in 0..REPLAY_BATCH {
-            let Some(job) = self.pending.lock().front().cloned() else {
+            let Some(job) = self.pending.lock().pop_front() else {
                 return Ok(());
             };
-            self.run_finish(con, &job)?;
-            self.pending.lock().pop_front();
+            if let Err(e) = self.run_finish(con, &job) {
+                self.pending.lock().push_front(job);
+                return Err(e);
+            }
         }
         Ok(())
     }

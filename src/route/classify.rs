@@ -17,11 +17,20 @@ pub fn input_text(mode: InputMode, chat: &ChatRequest) -> Cow<'_, str> {
     fn role(m: &Value) -> &str {
         m.get("role").and_then(Value::as_str).unwrap_or("")
     }
-    let last_user = || msgs.iter().rev().find(|m| role(m) == "user").and_then(content_text);
+    let last_user = || {
+        msgs.iter()
+            .rev()
+            .find(|m| role(m) == "user")
+            .and_then(content_text)
+    };
     match mode {
         InputMode::LastUser => last_user().unwrap_or(Cow::Borrowed("")),
         InputMode::AllUser => {
-            let parts: Vec<Cow<'_, str>> = msgs.iter().filter(|m| role(m) == "user").filter_map(content_text).collect();
+            let parts: Vec<Cow<'_, str>> = msgs
+                .iter()
+                .filter(|m| role(m) == "user")
+                .filter_map(content_text)
+                .collect();
             if parts.len() == 1 {
                 parts.into_iter().next().unwrap_or(Cow::Borrowed(""))
             } else {
@@ -29,7 +38,10 @@ pub fn input_text(mode: InputMode, chat: &ChatRequest) -> Cow<'_, str> {
             }
         }
         InputMode::SystemAndLastUser => {
-            let sys = msgs.iter().find(|m| matches!(role(m), "system" | "developer")).and_then(content_text);
+            let sys = msgs
+                .iter()
+                .find(|m| matches!(role(m), "system" | "developer"))
+                .and_then(content_text);
             match (sys, last_user()) {
                 (Some(s), Some(u)) => Cow::Owned(format!("{s}\n{u}")),
                 (None, Some(u)) => u,
@@ -69,7 +81,12 @@ fn unknown(failed: bool) -> Classification {
     }
 }
 
-pub async fn classify(app: &AppState, rt: &Runtime, router: &RouterConfig, chat: &ChatRequest) -> Classification {
+pub async fn classify(
+    app: &AppState,
+    rt: &Runtime,
+    router: &RouterConfig,
+    chat: &ChatRequest,
+) -> Classification {
     let text = input_text(router.input, chat);
     match &router.classifier {
         ClassifierKind::None => Classification {
@@ -115,7 +132,14 @@ pub async fn classify(app: &AppState, rt: &Runtime, router: &RouterConfig, chat:
 }
 
 /// Asks a small model to pick one label, constrained by a JSON schema enum.
-async fn classify_llm(app: &AppState, rt: &Runtime, router: &RouterConfig, model: &str, timeout: std::time::Duration, text: &str) -> Classification {
+async fn classify_llm(
+    app: &AppState,
+    rt: &Runtime,
+    router: &RouterConfig,
+    model: &str,
+    timeout: std::time::Duration,
+    text: &str,
+) -> Classification {
     let Some(m) = rt.config.models.get(model) else {
         return unknown(true);
     };
@@ -137,12 +161,27 @@ async fn classify_llm(app: &AppState, rt: &Runtime, router: &RouterConfig, model
     let bytes = bytes::Bytes::from(body.to_string());
     let candidates = super::direct_candidates(&rt.config, m);
     let call = async {
-        let d = crate::server::dispatch::dispatch(app, rt, &candidates[..1], "/chat/completions", |_| bytes.clone(), None).await.ok()?;
+        let d = crate::server::dispatch::dispatch(
+            app,
+            rt,
+            &candidates[..1],
+            "/chat/completions",
+            |_| bytes.clone(),
+            None,
+        )
+        .await
+        .ok()?;
         let served = d.candidate.model.clone();
         let body = d.response.collect(1024 * 1024).await.ok()?;
         let v: Value = serde_json::from_slice(&body).ok()?;
-        let usage = v.get("usage").and_then(crate::usage::Usage::from_json).unwrap_or_default();
-        let content = v.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or("");
+        let usage = v
+            .get("usage")
+            .and_then(crate::usage::Usage::from_json)
+            .unwrap_or_default();
+        let content = v
+            .pointer("/choices/0/message/content")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         Some((served, usage, parse_label(content, &labels)))
     };
     match tokio::time::timeout(timeout, call).await {
@@ -163,14 +202,25 @@ async fn classify_llm(app: &AppState, rt: &Runtime, router: &RouterConfig, model
 }
 
 fn parse_label(content: &str, labels: &[&str]) -> Option<String> {
-    let trimmed = content.trim().trim_start_matches("```json").trim_start_matches("```").trim_end_matches("```").trim();
+    let trimmed = content
+        .trim()
+        .trim_start_matches("```json")
+        .trim_start_matches("```")
+        .trim_end_matches("```")
+        .trim();
     if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
         if let Some(l) = v.get("label").and_then(Value::as_str) {
-            return labels.iter().find(|x| x.eq_ignore_ascii_case(l)).map(|x| x.to_string());
+            return labels
+                .iter()
+                .find(|x| x.eq_ignore_ascii_case(l))
+                .map(|x| x.to_string());
         }
     }
     let bare = trimmed.trim_matches('"').trim();
-    labels.iter().find(|x| x.eq_ignore_ascii_case(bare)).map(|x| x.to_string())
+    labels
+        .iter()
+        .find(|x| x.eq_ignore_ascii_case(bare))
+        .map(|x| x.to_string())
 }
 
 fn describe(label: &str) -> &'static str {
@@ -206,8 +256,14 @@ mod tests {
     #[test]
     fn parses_labels_from_llm_answers() {
         let labels = ["code", "math"];
-        assert_eq!(parse_label("{\"label\": \"math\"}", &labels).as_deref(), Some("math"));
-        assert_eq!(parse_label("```json\n{\"label\":\"CODE\"}\n```", &labels).as_deref(), Some("code"));
+        assert_eq!(
+            parse_label("{\"label\": \"math\"}", &labels).as_deref(),
+            Some("math")
+        );
+        assert_eq!(
+            parse_label("```json\n{\"label\":\"CODE\"}\n```", &labels).as_deref(),
+            Some("code")
+        );
         assert_eq!(parse_label("\"code\"", &labels).as_deref(), Some("code"));
         assert_eq!(parse_label("{\"label\": \"poetry\"}", &labels), None);
         assert_eq!(parse_label("I think math", &labels), None);

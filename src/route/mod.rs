@@ -2,7 +2,9 @@
 //! deployment order inside a tier, and deployment health (cooldown after
 //! repeated failures, half-open probing, latency EWMA).
 
-use crate::config::{Condition, Config, ModelConfig, RouterConfig, TierConfig, TierStrategy, UNKNOWN_LABEL};
+use crate::config::{
+    Condition, Config, ModelConfig, RouterConfig, TierConfig, TierStrategy, UNKNOWN_LABEL,
+};
 use crate::server::request::RequestFeatures;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -102,15 +104,25 @@ pub struct RuleInput<'a> {
 }
 
 /// First matching rule wins; unknown or low-confidence labels go to `unknown_tier`.
-pub fn choose_tier(router: &RouterConfig, c: &Classification, input: &RuleInput<'_>) -> (String, RouteReason) {
+pub fn choose_tier(
+    router: &RouterConfig,
+    c: &Classification,
+    input: &RuleInput<'_>,
+) -> (String, RouteReason) {
     if c.failed {
-        return (router.unknown_tier.clone(), RouteReason::Unknown("classifier_failed"));
+        return (
+            router.unknown_tier.clone(),
+            RouteReason::Unknown("classifier_failed"),
+        );
     }
     if c.label == UNKNOWN_LABEL {
         return (router.unknown_tier.clone(), RouteReason::Unknown("label"));
     }
     if c.confidence < router.min_confidence {
-        return (router.unknown_tier.clone(), RouteReason::Unknown("low_confidence"));
+        return (
+            router.unknown_tier.clone(),
+            RouteReason::Unknown("low_confidence"),
+        );
     }
     for (i, rule) in router.rules.iter().enumerate() {
         if matches(&rule.when, c, input) {
@@ -238,8 +250,15 @@ impl Health {
     }
 
     /// Records a failure; returns true when it put the deployment in cooldown.
-    pub fn failure(&self, model: &str, tier: Option<&TierConfig>, retry_after: Option<Duration>) -> bool {
-        let (after, cooldown) = tier.map(|t| (t.cooldown_after, t.cooldown)).unwrap_or((3, Duration::from_secs(30)));
+    pub fn failure(
+        &self,
+        model: &str,
+        tier: Option<&TierConfig>,
+        retry_after: Option<Duration>,
+    ) -> bool {
+        let (after, cooldown) = tier
+            .map(|t| (t.cooldown_after, t.cooldown))
+            .unwrap_or((3, Duration::from_secs(30)));
         let mut states = self.states.lock();
         let s = states.entry(model.to_string()).or_default();
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);

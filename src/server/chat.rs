@@ -11,7 +11,7 @@ use super::{LogFacts, RequestId};
 use crate::cache::{self, Entry, FillGuard, Lookup};
 use crate::config::{CacheScope, ModelConfig, RouterConfig};
 use crate::guard::{CeilingHit, Guard, LoopAction, SessionKey, SessionRefusal};
-use crate::limits::{self, AdmitError, AdmitRequest, Admission, Settlement};
+use crate::limits::{self, Admission, AdmitError, AdmitRequest, Settlement};
 use crate::metrics::{CacheOutcome, LimitKind, RequestRecord, UsageRecord};
 use crate::route::{self, Candidate, Classification, RouteDecision, RouteReason};
 use crate::upstream::sse::{frame, DONE_FRAME};
@@ -32,7 +32,11 @@ use tracing::Instrument;
 /// Largest non-streaming upstream answer we accept.
 pub const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 
-pub async fn chat_completions(State(app): State<Arc<AppState>>, Extension(caller): Extension<Caller>, req: Request) -> Response {
+pub async fn chat_completions(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    req: Request,
+) -> Response {
     let mut facts = LogFacts {
         key: caller.name().map(str::to_string),
         ..LogFacts::default()
@@ -137,7 +141,12 @@ pub fn price_of(m: &ModelConfig) -> limits::Price {
 }
 
 pub fn cost_of(m: &ModelConfig, u: &Usage) -> u64 {
-    limits::cost_nanos(u.prompt_tokens, u.cached_tokens, u.completion_tokens, &price_of(m))
+    limits::cost_nanos(
+        u.prompt_tokens,
+        u.cached_tokens,
+        u.completion_tokens,
+        &price_of(m),
+    )
 }
 
 impl Meter {
@@ -163,7 +172,11 @@ impl Meter {
         self.finished = true;
         let usage = bill.usage();
         let cost = bill.cost();
-        let model = if self.model.is_empty() { "" } else { self.model.as_str() };
+        let model = if self.model.is_empty() {
+            ""
+        } else {
+            self.model.as_str()
+        };
         if let Some(adm) = self.admission.take() {
             let out = adm.settle(&Settlement {
                 model,
@@ -228,7 +241,13 @@ struct Plan {
     classification_bill: Option<(Arc<ModelConfig>, Usage)>,
 }
 
-async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>, facts: &mut LogFacts) -> Result<Response, ApiError> {
+async fn chat(
+    app: &Arc<AppState>,
+    caller: &Caller,
+    req: Request,
+    rid: &Arc<str>,
+    facts: &mut LogFacts,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     // 1–2. Body and parse.
     let (headers, bytes, _) = read_body(app, req).await?;
@@ -242,7 +261,16 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
     let mut extra_headers: Vec<(HeaderName, String)> = Vec::new();
 
     // 4. Agent guards.
-    let guards = check_guards(app, &rt, caller, &target, &headers, &chat, &mut extra_headers).await?;
+    let guards = check_guards(
+        app,
+        &rt,
+        caller,
+        &target,
+        &headers,
+        &chat,
+        &mut extra_headers,
+    )
+    .await?;
 
     // An LLM classifier costs a call: admit (at the router's worst case) before
     // making it, so a key that is out of budget or rate cannot cause unbilled calls.
@@ -270,7 +298,9 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
     let mut fill: Option<FillGuard> = None;
     let mut cache_outcome = CacheOutcome::None;
     if let (Some(c), true) = (cache.as_ref().as_ref(), cacheable) {
-        let cc = headers.get(header::CACHE_CONTROL).and_then(|v| v.to_str().ok());
+        let cc = headers
+            .get(header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok());
         let mode = cache::cache_mode(&chat.body, cc, cache_cfg.cache_sampled, cache_ttl);
         let scope = match (cache_cfg.scope, caller.name()) {
             (CacheScope::PerKey, Some(k)) => k,
@@ -280,7 +310,19 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
         match c.lookup(key, mode).await {
             Lookup::Hit(entry) => {
                 app.metrics.record_cache_lookup("response", true);
-                return serve_hit(app, caller, &chat, entry, plan, guards.sessions, early, started, rid, extra_headers, facts);
+                return serve_hit(
+                    app,
+                    caller,
+                    &chat,
+                    entry,
+                    plan,
+                    guards.sessions,
+                    early,
+                    started,
+                    rid,
+                    extra_headers,
+                    facts,
+                );
             }
             Lookup::Miss(g) => {
                 app.metrics.record_cache_lookup("response", false);
@@ -309,7 +351,11 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
     let mut meter = Meter {
         app: app.clone(),
         key: caller.name().map(str::to_string),
-        router: plan.router.as_ref().map(|r| r.name.clone()).unwrap_or_default(),
+        router: plan
+            .router
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_default(),
         label: plan.decision.label.clone().unwrap_or_default(),
         tier: plan.decision.tier.clone().unwrap_or_default(),
         model: String::new(),
@@ -324,7 +370,11 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
         finished: false,
     };
     let calls = plan.vote.as_ref().map_or(1, |v| v.cfg.n);
-    meter.on_abandon(plan.candidates.first().map(|c| &c.model), chat.features.prompt_tokens, calls);
+    meter.on_abandon(
+        plan.candidates.first().map(|c| &c.model),
+        chat.features.prompt_tokens,
+        calls,
+    );
     facts.metered = true;
     let mut bill = Bill::default();
     if let Some((m, u)) = &plan.classification_bill {
@@ -333,15 +383,49 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
 
     // 9–10. Execute and respond.
     if let Some(v) = plan.vote.clone() {
-        return run_vote(app, &rt, &chat, plan, v, meter, bill, extra_headers, fill, facts).await;
+        return run_vote(
+            app,
+            &rt,
+            &chat,
+            plan,
+            v,
+            meter,
+            bill,
+            extra_headers,
+            fill,
+            facts,
+        )
+        .await;
     }
     if let Some(c) = plan.cascade.clone() {
-        return run_cascade(app, &rt, &chat, plan, c, meter, bill, extra_headers, fill, facts).await;
+        return run_cascade(
+            app,
+            &rt,
+            &chat,
+            plan,
+            c,
+            meter,
+            bill,
+            extra_headers,
+            fill,
+            facts,
+        )
+        .await;
     }
     let mut decision = plan.decision;
-    let dispatched = dispatch(app, &rt, &plan.candidates, "/chat/completions", |m| upstream_body(&chat, m), decision.tier.as_deref())
-        .instrument(tracing::info_span!("upstream", tier = decision.tier.as_deref().unwrap_or("-")))
-        .await;
+    let dispatched = dispatch(
+        app,
+        &rt,
+        &plan.candidates,
+        "/chat/completions",
+        |m| upstream_body(&chat, m),
+        decision.tier.as_deref(),
+    )
+    .instrument(tracing::info_span!(
+        "upstream",
+        tier = decision.tier.as_deref().unwrap_or("-")
+    ))
+    .await;
     let Dispatched {
         candidate,
         response,
@@ -368,7 +452,10 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
     facts.route = Some(route_header.clone());
     extra_headers.push((HeaderName::from_static("x-triage-route"), route_header));
     if cache_outcome != CacheOutcome::None {
-        extra_headers.push((HeaderName::from_static("x-triage-cache"), cache_label(cache_outcome).into()));
+        extra_headers.push((
+            HeaderName::from_static("x-triage-cache"),
+            cache_label(cache_outcome).into(),
+        ));
     }
 
     let model = candidate.model.clone();
@@ -391,20 +478,33 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
                 }
             }
         });
-        let fwd = SseForwarder::new(response.body, !chat.client_wants_usage, chat.features.prompt_tokens, record, started, on_end);
+        let fwd = SseForwarder::new(
+            response.body,
+            !chat.client_wants_usage,
+            chat.features.prompt_tokens,
+            record,
+            started,
+            on_end,
+        );
         sse_response(Body::from_stream(fwd))
     } else {
         let body = match response.collect(MAX_UPSTREAM_BODY).await {
             Ok(b) => b,
             Err(e) => {
-                let err = ApiError::bad_gateway(format!("Provider for `{}` broke the response: {e}", model.name));
+                let err = ApiError::bad_gateway(format!(
+                    "Provider for `{}` broke the response: {e}",
+                    model.name
+                ));
                 meter.finish(502, &bill, None);
                 return Err(err);
             }
         };
         let Some(usage) = completion_usage(&body) else {
             meter.finish(502, &bill, None);
-            return Err(ApiError::bad_gateway(format!("Provider for `{}` returned a body that is not a chat completion.", model.name)));
+            return Err(ApiError::bad_gateway(format!(
+                "Provider for `{}` returned a body that is not a chat completion.",
+                model.name
+            )));
         };
         let usage = if usage == Usage::default() {
             // The provider reported nothing: estimate, and say so in the ledger.
@@ -415,7 +515,11 @@ async fn chat(app: &Arc<AppState>, caller: &Caller, req: Request, rid: &Arc<str>
         bill.add(&model, usage);
         meter.finish(200, &bill, None);
         if let Some(g) = fill {
-            let entry = Entry::from_parts(body.clone(), None, cache::Usage::from_json(&usage.to_json()));
+            let entry = Entry::from_parts(
+                body.clone(),
+                None,
+                cache::Usage::from_json(&usage.to_json()),
+            );
             g.complete(entry, cache_ttl).await;
         }
         json_response(body)
@@ -448,14 +552,20 @@ fn estimate_usage(chat: &ChatRequest, body: &[u8]) -> Usage {
 
 pub fn json_response(body: Bytes) -> Response {
     let mut r = Response::new(Body::from(body));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 pub fn sse_response(body: Body) -> Response {
     let mut r = Response::new(body);
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
@@ -480,7 +590,12 @@ pub fn completion_usage(body: &[u8]) -> Option<Usage> {
         usage: Option<Value>,
     }
     let p: Peek = serde_json::from_slice(body).ok()?;
-    Some(p.usage.as_ref().and_then(Usage::from_json).unwrap_or_default())
+    Some(
+        p.usage
+            .as_ref()
+            .and_then(Usage::from_json)
+            .unwrap_or_default(),
+    )
 }
 
 /// The body sent upstream: the client's fields, with the deployment's model
@@ -519,7 +634,10 @@ impl serde::Serialize for UpstreamBody<'_> {
             }
         }
         if self.force_usage && !saw_options {
-            map.serialize_entry("stream_options", &serde_json::json!({"include_usage": true}))?;
+            map.serialize_entry(
+                "stream_options",
+                &serde_json::json!({"include_usage": true}),
+            )?;
         }
         map.end()
     }
@@ -550,7 +668,9 @@ async fn check_guards(
     }
     // Each guard counts its sessions under its own scope: a router guard and a key
     // guard seeing the same session id must not share (and double-count) one entry.
-    let caller_scope = caller.name().map_or_else(|| "anonymous".to_string(), |k| format!("key:{k}"));
+    let caller_scope = caller
+        .name()
+        .map_or_else(|| "anonymous".to_string(), |k| format!("key:{k}"));
     let mut scopes: Vec<(&Arc<Guard>, String)> = Vec::new();
     if let Target::Router(r) = target {
         if let Some(g) = rt.guards.get(&format!("router:{}", r.name)) {
@@ -567,35 +687,47 @@ async fn check_guards(
         if let Some(finding) = g.detect_loop(&body) {
             let action = finding.action;
             app.metrics.record_loop_detected(action.as_str());
-            extra.push((HeaderName::from_static(crate::guard::LOOP_HEADER), finding.header_value()));
+            extra.push((
+                HeaderName::from_static(crate::guard::LOOP_HEADER),
+                finding.header_value(),
+            ));
             match action {
-                LoopAction::Block => {
-                    return Err(ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "invalid_request_error",
-                        Some("loop_detected"),
-                        format!("The conversation repeats itself ({}); refusing to call the model again.", finding.header_value()),
-                    )
-                    .with_header(
-                        HeaderName::from_static(crate::guard::LOOP_HEADER),
-                        HeaderValue::from_str(&finding.header_value()).unwrap_or(HeaderValue::from_static("repeated")),
-                    ))
-                }
+                LoopAction::Block => return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request_error",
+                    Some("loop_detected"),
+                    format!(
+                        "The conversation repeats itself ({}); refusing to call the model again.",
+                        finding.header_value()
+                    ),
+                )
+                .with_header(
+                    HeaderName::from_static(crate::guard::LOOP_HEADER),
+                    HeaderValue::from_str(&finding.header_value())
+                        .unwrap_or(HeaderValue::from_static("repeated")),
+                )),
                 LoopAction::Escalate => out.escalate = true,
                 LoopAction::Flag => {}
             }
         }
-        let hv = headers.get(g.config().session_header.as_str()).and_then(|v| v.to_str().ok());
+        let hv = headers
+            .get(g.config().session_header.as_str())
+            .and_then(|v| v.to_str().ok());
         let Some(sk) = g.session_key(&scope_name, hv, Some(&body)) else {
             continue;
         };
         match g.try_check(Some(&sk), SystemTime::now()).await {
-            Ok(Some(w)) => extra.push((HeaderName::from_static(crate::guard::WARNING_HEADER), w.header_value())),
+            Ok(Some(w)) => extra.push((
+                HeaderName::from_static(crate::guard::WARNING_HEADER),
+                w.header_value(),
+            )),
             Ok(None) => {}
             Err(SessionRefusal::Ceiling(hit)) => return Err(session_error(app, &hit)),
             Err(SessionRefusal::Unavailable) => {
                 tracing::debug!("refused: the shared session store is unavailable (fail_closed)");
-                return Err(store_unavailable("The shared session store is unavailable; try again shortly.".into()));
+                return Err(store_unavailable(
+                    "The shared session store is unavailable; try again shortly.".into(),
+                ));
             }
         }
         out.sessions.push((g.clone(), sk));
@@ -606,8 +738,13 @@ async fn check_guards(
 
 /// 503 `store_unavailable` (`fail_closed` while Redis is unreachable).
 fn store_unavailable(msg: String) -> ApiError {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", Some("store_unavailable"), msg)
-        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "api_error",
+        Some("store_unavailable"),
+        msg,
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
 
 fn session_error(app: &AppState, hit: &CeilingHit) -> ApiError {
@@ -616,7 +753,11 @@ fn session_error(app: &AppState, hit: &CeilingHit) -> ApiError {
         StatusCode::TOO_MANY_REQUESTS,
         "invalid_request_error",
         Some("session_limit_exceeded"),
-        format!("Session ceiling reached: {} ({}).", hit.kind.as_str(), hit.header_value()),
+        format!(
+            "Session ceiling reached: {} ({}).",
+            hit.kind.as_str(),
+            hit.header_value()
+        ),
     )
     .with_param(hit.kind.as_str());
     if let Ok(v) = HeaderValue::from_str(&hit.header_value()) {
@@ -656,7 +797,13 @@ async fn plan_route(
             } else {
                 None
             };
-            app.metrics.record_classification(&r.name, classifier_kind(r), &c.label, t0.elapsed(), unknown);
+            app.metrics.record_classification(
+                &r.name,
+                classifier_kind(r),
+                &c.label,
+                t0.elapsed(),
+                unknown,
+            );
             let input = route::RuleInput {
                 features: &chat.features,
                 key: caller.name(),
@@ -716,7 +863,10 @@ fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
     let worst = |models: &mut dyn Iterator<Item = &Arc<ModelConfig>>| -> u64 {
         models
             .map(|m| {
-                let out = chat.max_tokens.unwrap_or(m.max_output_tokens).min(m.max_output_tokens.max(chat.max_tokens.unwrap_or(0)));
+                let out = chat
+                    .max_tokens
+                    .unwrap_or(m.max_output_tokens)
+                    .min(m.max_output_tokens.max(chat.max_tokens.unwrap_or(0)));
                 let u = Usage {
                     prompt_tokens: chat.features.prompt_tokens,
                     completion_tokens: out.saturating_mul(u64::from(chat.n)),
@@ -730,13 +880,23 @@ fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
     };
     let single = worst(&mut plan.candidates.iter().map(|c| &c.model));
     let mut total = if let Some(v) = &plan.vote {
-        let voters: Vec<&Arc<ModelConfig>> = v.cfg.models.iter().filter_map(|m| rt.config.models.get(m)).collect();
-        let per_call = if voters.is_empty() { single } else { worst(&mut voters.into_iter()) };
+        let voters: Vec<&Arc<ModelConfig>> = v
+            .cfg
+            .models
+            .iter()
+            .filter_map(|m| rt.config.models.get(m))
+            .collect();
+        let per_call = if voters.is_empty() {
+            single
+        } else {
+            worst(&mut voters.into_iter())
+        };
         let mut t = per_call.saturating_mul(u64::from(v.cfg.n));
         if let Some(j) = v.cfg.judge.as_ref().and_then(|j| rt.config.models.get(j)) {
             // The judge reads every candidate: budget for n answers as its prompt.
             let u = Usage {
-                prompt_tokens: chat.features.prompt_tokens + u64::from(v.cfg.n) * j.max_output_tokens,
+                prompt_tokens: chat.features.prompt_tokens
+                    + u64::from(v.cfg.n) * j.max_output_tokens,
                 completion_tokens: 64,
                 cached_tokens: 0,
                 estimated: true,
@@ -750,7 +910,13 @@ fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
     } else if let Some(c) = &plan.cascade {
         c.tiers
             .iter()
-            .map(|t| worst(&mut route::tier_candidates(&rt.config, t, &route::Health::default()).iter().map(|c| &c.model)))
+            .map(|t| {
+                worst(
+                    &mut route::tier_candidates(&rt.config, t, &route::Health::default())
+                        .iter()
+                        .map(|c| &c.model),
+                )
+            })
             .sum()
     } else {
         single
@@ -771,9 +937,18 @@ fn push_rate_headers(a: &Option<Admission>, extra: &mut Vec<(HeaderName, String)
 
 /// The reservation for a router before its classifier has run: the dearest
 /// route it can take, plus the classifier's own call.
-fn router_worst_case(app: &AppState, rt: &Runtime, chat: &ChatRequest, r: &Arc<RouterConfig>) -> u64 {
+fn router_worst_case(
+    app: &AppState,
+    rt: &Runtime,
+    chat: &ChatRequest,
+    r: &Arc<RouterConfig>,
+) -> u64 {
     // (tier, vote, cascade) for every rule and for unknown requests.
-    type RouteShape<'a> = (&'a str, Option<Arc<CompiledVote>>, Option<Arc<CompiledCascade>>);
+    type RouteShape<'a> = (
+        &'a str,
+        Option<Arc<CompiledVote>>,
+        Option<Arc<CompiledCascade>>,
+    );
     let mut routes: Vec<RouteShape<'_>> = r
         .rules
         .iter()
@@ -815,7 +990,12 @@ fn router_worst_case(app: &AppState, rt: &Runtime, chat: &ChatRequest, r: &Arc<R
 }
 
 /// Steps 5 and 8: one admission for rate limits and the spend reservation.
-fn admit(app: &AppState, caller: &Caller, est_tokens: u64, reserve: u64) -> Result<Option<Admission>, ApiError> {
+fn admit(
+    app: &AppState,
+    caller: &Caller,
+    est_tokens: u64,
+    reserve: u64,
+) -> Result<Option<Admission>, ApiError> {
     let Some(key) = caller.name() else {
         return Ok(None);
     };
@@ -827,7 +1007,10 @@ fn admit(app: &AppState, caller: &Caller, est_tokens: u64, reserve: u64) -> Resu
         Ok(a) => Ok(Some(a)),
         Err(AdmitError::UnknownKey(_)) => Ok(None),
         Err(AdmitError::Unavailable(msg)) => {
-            tracing::debug!(key, "refused: the shared limit store is unavailable (fail_closed)");
+            tracing::debug!(
+                key,
+                "refused: the shared limit store is unavailable (fail_closed)"
+            );
             Err(store_unavailable(msg))
         }
         Err(AdmitError::Refused(r)) => {
@@ -842,7 +1025,16 @@ fn admit(app: &AppState, caller: &Caller, est_tokens: u64, reserve: u64) -> Resu
                 limits::RefusalKind::Budget => ("insufficient_quota", "insufficient_quota"),
                 _ => ("requests", "rate_limit_exceeded"),
             };
-            let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, if code == "insufficient_quota" { "insufficient_quota" } else { "rate_limit_error" }, Some(code), r.message());
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                if code == "insufficient_quota" {
+                    "insufficient_quota"
+                } else {
+                    "rate_limit_error"
+                },
+                Some(code),
+                r.message(),
+            );
             e.param = None;
             let _ = kind_str;
             for (h, v) in r.rate_headers() {
@@ -862,14 +1054,23 @@ fn cache_enabled_for(rt: &Runtime, target: &Target, plan: &Plan) -> bool {
             let default = global && plan.vote.as_ref().is_none_or(|v| v.cfg.cache);
             r.cache.as_ref().and_then(|c| c.enabled).unwrap_or(default)
         }
-        Target::Model(m) => rt.config.cache.models.get(&m.name).and_then(|c| c.enabled).unwrap_or(global),
+        Target::Model(m) => rt
+            .config
+            .cache
+            .models
+            .get(&m.name)
+            .and_then(|c| c.enabled)
+            .unwrap_or(global),
     }
 }
 
 /// TTL for a stored answer: the request's `x-triage-cache-ttl`, else the
 /// router's or model's override, else the global default.
 fn cache_ttl(rt: &Runtime, target: &Target, headers: &HeaderMap) -> Option<Duration> {
-    if let Some(v) = headers.get("x-triage-cache-ttl").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get("x-triage-cache-ttl")
+        .and_then(|v| v.to_str().ok())
+    {
         let v = v.trim();
         if let Ok(secs) = v.parse::<u64>() {
             return Some(Duration::from_secs(secs));
@@ -886,7 +1087,10 @@ fn cache_ttl(rt: &Runtime, target: &Target, headers: &HeaderMap) -> Option<Durat
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A cache hit: no upstream call and no charge, but limits still count it.
@@ -919,13 +1123,20 @@ fn serve_hit(
         decision.model = "cache".into();
     }
     facts.route = Some(decision.header_value());
-    extra.push((HeaderName::from_static("x-triage-route"), decision.header_value()));
+    extra.push((
+        HeaderName::from_static("x-triage-route"),
+        decision.header_value(),
+    ));
     extra.push((HeaderName::from_static("x-triage-cache"), "hit".into()));
     let id = format!("chatcmpl-{}", &rid.replace("req-", ""));
     let meter = Meter {
         app: app.clone(),
         key: caller.name().map(str::to_string),
-        router: plan.router.as_ref().map(|r| r.name.clone()).unwrap_or_default(),
+        router: plan
+            .router
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_default(),
         label: decision.label.clone().unwrap_or_default(),
         tier: decision.tier.clone().unwrap_or_default(),
         model: String::new(),
@@ -942,9 +1153,15 @@ fn serve_hit(
     facts.metered = true;
     let resp = if chat.stream {
         let chunks = entry
-            .replay_chunks(&id, now_secs(), cache::DEFAULT_CHUNK_CHARS, chat.client_wants_usage)
+            .replay_chunks(
+                &id,
+                now_secs(),
+                cache::DEFAULT_CHUNK_CHARS,
+                chat.client_wants_usage,
+            )
             .map_err(|e| ApiError::internal(format!("cached answer unreadable: {e}")))?;
-        let mut frames: Vec<Result<Bytes, std::convert::Infallible>> = chunks.iter().map(|c| Ok(frame(c))).collect();
+        let mut frames: Vec<Result<Bytes, std::convert::Infallible>> =
+            chunks.iter().map(|c| Ok(frame(c))).collect();
         frames.push(Ok(Bytes::from_static(DONE_FRAME)));
         meter.finish(200, &Bill::default(), Some(started.elapsed()));
         sse_response(Body::from_stream(futures::stream::iter(frames)))
@@ -982,7 +1199,14 @@ async fn call_once(
         }
         if let Some(ms) = &messages {
             b.insert("messages".into(), Value::Array(ms.clone()));
-            for k in ["tools", "tool_choice", "response_format", "functions", "function_call", "n"] {
+            for k in [
+                "tools",
+                "tool_choice",
+                "response_format",
+                "functions",
+                "function_call",
+                "n",
+            ] {
                 b.remove(k);
             }
         }
@@ -990,10 +1214,21 @@ async fn call_once(
     };
     let d = dispatch(app, rt, candidates, "/chat/completions", body_for, tier).await?;
     let model = d.candidate.model.clone();
-    let body = d.response.collect(MAX_UPSTREAM_BODY).await.map_err(|e| ApiError::bad_gateway(e.to_string()))?;
-    let completion: Value = serde_json::from_slice(&body)
-        .map_err(|_| ApiError::bad_gateway(format!("Provider for `{}` returned invalid JSON.", model.name)))?;
-    let usage = completion.get("usage").and_then(Usage::from_json).unwrap_or_default();
+    let body = d
+        .response
+        .collect(MAX_UPSTREAM_BODY)
+        .await
+        .map_err(|e| ApiError::bad_gateway(e.to_string()))?;
+    let completion: Value = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::bad_gateway(format!(
+            "Provider for `{}` returned invalid JSON.",
+            model.name
+        ))
+    })?;
+    let usage = completion
+        .get("usage")
+        .and_then(Usage::from_json)
+        .unwrap_or_default();
     served.lock().push((model, usage));
     Ok(CallResult {
         completion,
@@ -1014,14 +1249,21 @@ fn respond_with_completion(chat: &ChatRequest, completion: &Value, usage: Usage)
     if chat.stream {
         let mut chunks = cache::completion_to_chunks(&completion, cache::DEFAULT_CHUNK_CHARS);
         if !chat.client_wants_usage {
-            chunks.retain(|c| !(c.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty)));
+            chunks.retain(|c| {
+                !(c.get("choices")
+                    .and_then(Value::as_array)
+                    .is_some_and(Vec::is_empty))
+            });
             for c in &mut chunks {
                 if let Value::Object(o) = c {
                     o.remove("usage");
                 }
             }
         }
-        let mut frames: Vec<Result<Bytes, std::convert::Infallible>> = chunks.iter().map(|c| Ok(frame(c.to_string().as_bytes()))).collect();
+        let mut frames: Vec<Result<Bytes, std::convert::Infallible>> = chunks
+            .iter()
+            .map(|c| Ok(frame(c.to_string().as_bytes())))
+            .collect();
         frames.push(Ok(Bytes::from_static(DONE_FRAME)));
         sse_response(Body::from_stream(futures::stream::iter(frames)))
     } else {
@@ -1043,17 +1285,31 @@ async fn run_vote(
     facts: &mut LogFacts,
 ) -> Result<Response, ApiError> {
     let served: Mutex<Vec<(Arc<ModelConfig>, Usage)>> = Mutex::new(Vec::new());
-    let question = route::classify::input_text(crate::config::InputMode::LastUser, chat).into_owned();
+    let question =
+        route::classify::input_text(crate::config::InputMode::LastUser, chat).into_owned();
     let t0 = Instant::now();
     let tier = plan.decision.tier.clone();
     let outcome = vote::run_vote(&v, &question, |spec: CallSpec| {
-        let candidates: Vec<Candidate> = match spec.model.as_ref().and_then(|m| rt.config.models.get(m)) {
-            Some(m) => route::direct_candidates(&rt.config, m),
-            None => plan.candidates.clone(),
-        };
+        let candidates: Vec<Candidate> =
+            match spec.model.as_ref().and_then(|m| rt.config.models.get(m)) {
+                Some(m) => route::direct_candidates(&rt.config, m),
+                None => plan.candidates.clone(),
+            };
         let served = &served;
         let tier = tier.clone();
-        async move { call_once(app, rt, chat, &candidates, spec.temperature, spec.messages, tier.as_deref(), served).await }
+        async move {
+            call_once(
+                app,
+                rt,
+                chat,
+                &candidates,
+                spec.temperature,
+                spec.messages,
+                tier.as_deref(),
+                served,
+            )
+            .await
+        }
     })
     .instrument(tracing::info_span!("vote", n = v.cfg.n))
     .await;
@@ -1068,12 +1324,26 @@ async fn run_vote(
     match outcome {
         Ok(o) => {
             let of = o.of.max(1);
-            app.metrics.record_vote(router, o.strategy.as_str(), f64::from(o.agree) / f64::from(of), u64::from(o.cancelled));
+            app.metrics.record_vote(
+                router,
+                o.strategy.as_str(),
+                f64::from(o.agree) / f64::from(of),
+                u64::from(o.cancelled),
+            );
             extra.push((HeaderName::from_static("x-triage-vote"), o.header()));
-            let winner_model = o.calls.iter().find(|c| c.index == o.winner).and_then(|c| c.model.clone());
-            decision.model = winner_model.or_else(|| plan.candidates.first().map(|c| c.model.name.clone())).unwrap_or_default();
+            let winner_model = o
+                .calls
+                .iter()
+                .find(|c| c.index == o.winner)
+                .and_then(|c| c.model.clone());
+            decision.model = winner_model
+                .or_else(|| plan.candidates.first().map(|c| c.model.name.clone()))
+                .unwrap_or_default();
             meter.model = decision.model.clone();
-            extra.push((HeaderName::from_static("x-triage-route"), decision.header_value()));
+            extra.push((
+                HeaderName::from_static("x-triage-route"),
+                decision.header_value(),
+            ));
             facts.route = Some(decision.header_value());
             let usage = bill.usage();
             let resp = respond_with_completion(chat, &o.completion, usage);
@@ -1132,7 +1402,19 @@ async fn run_cascade(
             })
             .unwrap_or_default();
         let served = &served;
-        async move { call_once(app, rt, chat, &candidates, None, None, Some(&tier_name), served).await }
+        async move {
+            call_once(
+                app,
+                rt,
+                chat,
+                &candidates,
+                None,
+                None,
+                Some(&tier_name),
+                served,
+            )
+            .await
+        }
     })
     .instrument(tracing::info_span!("cascade"))
     .await;
@@ -1157,7 +1439,10 @@ async fn run_cascade(
             meter.tier = decision.tier.clone().unwrap_or_default();
             decision.model = served_models.last().cloned().unwrap_or_default();
             meter.model = decision.model.clone();
-            extra.push((HeaderName::from_static("x-triage-route"), decision.header_value()));
+            extra.push((
+                HeaderName::from_static("x-triage-route"),
+                decision.header_value(),
+            ));
             facts.route = Some(decision.header_value());
             let resp = respond_with_completion(chat, &o.completion, bill.usage());
             meter.finish(200, &bill, None);
@@ -1170,7 +1455,9 @@ async fn run_cascade(
         }
         Err(_) => {
             meter.finish(502, &bill, None);
-            Err(ApiError::bad_gateway("Cascade failed: every tier's call failed."))
+            Err(ApiError::bad_gateway(
+                "Cascade failed: every tier's call failed.",
+            ))
         }
     }
 }

@@ -72,17 +72,32 @@ pub async fn dispatch(
                         upstream_wait: wait_start.elapsed(),
                     });
                 }
-                Ok(resp) if resp.status == StatusCode::TOO_MANY_REQUESTS || resp.status.is_server_error() => {
+                Ok(resp)
+                    if resp.status == StatusCode::TOO_MANY_REQUESTS
+                        || resp.status.is_server_error() =>
+                {
                     let status = resp.status;
                     let retry_after = resp.retry_after();
                     let body = resp.collect(1024 * 1024).await.unwrap_or_default();
                     tracing::warn!(model = %m.name, status = status.as_u16(), attempt, "provider refused; trying the next deployment");
                     let (e, kind) = if status == StatusCode::TOO_MANY_REQUESTS {
-                        let mut e = ApiError::new(status, "rate_limit_error", Some("rate_limit_exceeded"), format!("Provider for `{}` is rate limiting.", m.name));
+                        let mut e = ApiError::new(
+                            status,
+                            "rate_limit_error",
+                            Some("rate_limit_exceeded"),
+                            format!("Provider for `{}` is rate limiting.", m.name),
+                        );
                         e.raw = Some(body);
                         (e, UpstreamErrorKind::RateLimited)
                     } else {
-                        (ApiError::bad_gateway(format!("Provider for `{}` answered {}.", m.name, status.as_u16())), UpstreamErrorKind::Server)
+                        (
+                            ApiError::bad_gateway(format!(
+                                "Provider for `{}` answered {}.",
+                                m.name,
+                                status.as_u16()
+                            )),
+                            UpstreamErrorKind::Server,
+                        )
                     };
                     (e, kind, retry_after)
                 }
@@ -91,9 +106,14 @@ pub async fn dispatch(
                     // deployment would say the same, so pass it through.
                     let status = resp.status;
                     app.health.success(&m.name, t0.elapsed());
-                    metrics.record_upstream(&m.name, t0.elapsed(), UpstreamOutcome::Error(UpstreamErrorKind::Client));
+                    metrics.record_upstream(
+                        &m.name,
+                        t0.elapsed(),
+                        UpstreamOutcome::Error(UpstreamErrorKind::Client),
+                    );
                     let body = resp.collect(1024 * 1024).await.unwrap_or_default();
-                    let mut e = ApiError::new(status, "invalid_request_error", None, "upstream error");
+                    let mut e =
+                        ApiError::new(status, "invalid_request_error", None, "upstream error");
                     e.raw = Some(body);
                     return Err(e);
                 }
@@ -108,7 +128,10 @@ pub async fn dispatch(
                 }
             };
             metrics.record_upstream(&m.name, t0.elapsed(), UpstreamOutcome::Error(kind));
-            if app.health.failure(&m.name, cand.tier.as_deref(), retry_after) {
+            if app
+                .health
+                .failure(&m.name, cand.tier.as_deref(), retry_after)
+            {
                 metrics.record_cooldown(&m.name);
             }
             let mut err = err;
@@ -125,9 +148,14 @@ pub async fn dispatch(
         fell_back_from.push(m.name.clone());
     }
     Err(last_error.unwrap_or_else(|| {
-        let what = tier_name.map_or_else(|| "the requested model".to_string(), |t| format!("tier `{t}`"));
+        let what = tier_name.map_or_else(
+            || "the requested model".to_string(),
+            |t| format!("tier `{t}`"),
+        );
         if skipped > 0 {
-            ApiError::unavailable(format!("Every deployment of {what} is cooling down after failures; try again shortly."))
+            ApiError::unavailable(format!(
+                "Every deployment of {what} is cooling down after failures; try again shortly."
+            ))
         } else {
             ApiError::unavailable(format!("No deployment of {what} is available."))
         }

@@ -18,7 +18,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -41,19 +46,40 @@ impl ApiError {
     }
 
     pub fn invalid_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            message,
+        )
     }
 
     pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_value"), message).with_param(param)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("invalid_value"),
+            message,
+        )
+        .with_param(param)
     }
 
     pub fn invalid_key(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), message)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            message,
+        )
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "invalid_request_error", Some("model_not_allowed"), message)
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            Some("model_not_allowed"),
+            message,
+        )
     }
 
     pub fn model_not_found(model: &str) -> Self {
@@ -67,11 +93,21 @@ impl ApiError {
     }
 
     pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found"), "Unknown endpoint.")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("not_found"),
+            "Unknown endpoint.",
+        )
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"), "Method not allowed for this endpoint.")
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            Some("method_not_allowed"),
+            "Method not allowed for this endpoint.",
+        )
     }
 
     pub fn too_large(limit: usize) -> Self {
@@ -84,19 +120,39 @@ impl ApiError {
     }
 
     pub fn bad_gateway(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, "api_error", Some("upstream_error"), message)
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            Some("upstream_error"),
+            message,
+        )
     }
 
     pub fn gateway_timeout(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", Some("upstream_timeout"), message)
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "api_error",
+            Some("upstream_timeout"),
+            message,
+        )
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", Some("no_healthy_deployment"), message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            Some("no_healthy_deployment"),
+            message,
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "api_error", Some("internal_error"), message)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            Some("internal_error"),
+            message,
+        )
     }
 
     pub fn envelope(&self) -> serde_json::Value {
@@ -120,13 +176,17 @@ impl IntoResponse for ApiError {
         let mut resp = match &self.raw {
             Some(raw) => (
                 self.status,
-                [(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                [(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
                 raw.clone(),
             )
                 .into_response(),
             None => (self.status, axum::Json(self.envelope())).into_response(),
         };
-        resp.extensions_mut().insert(ErrorCode(self.code.unwrap_or(self.kind)));
+        resp.extensions_mut()
+            .insert(ErrorCode(self.code.unwrap_or(self.kind)));
         for (k, v) in self.headers {
             resp.headers_mut().append(k, v);
         }

@@ -1,15 +1,14 @@
 //! Endpoint handlers. The chat path follows the numbered steps in `server/mod.rs`.
 
+use super::chat::{json_response, MAX_UPSTREAM_BODY};
+use super::dispatch::dispatch;
 use super::error::ApiError;
 use super::request;
 use super::state::{AppState, Runtime};
 use super::stream::SseForwarder;
-use super::chat::{json_response, MAX_UPSTREAM_BODY};
-use super::dispatch::dispatch;
 use super::RequestId;
 use crate::auth::{presented_key, KeyIdentity};
 use crate::config::{AuthMode, ModelConfig};
-use crate::guard::SessionStore;
 use crate::route::{self, RouteDecision};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -23,7 +22,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-
 /// The caller of a `/v1` request (absent only with `auth = "none"`).
 #[derive(Clone, Debug)]
 pub struct Caller(pub Option<Arc<KeyIdentity>>);
@@ -34,7 +32,11 @@ impl Caller {
     }
 }
 
-pub async fn authenticate(State(app): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+pub async fn authenticate(
+    State(app): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let rt = app.runtime.load();
     let caller = match rt.config.auth {
         AuthMode::None => Caller(None),
@@ -47,7 +49,9 @@ pub async fn authenticate(State(app): State<Arc<AppState>>, mut req: Request, ne
             };
             match rt.keys.authenticate(secret) {
                 Some(id) => Caller(Some(Arc::new(id.clone()))),
-                None => return ApiError::invalid_key("Incorrect API key provided.").into_response(),
+                None => {
+                    return ApiError::invalid_key("Incorrect API key provided.").into_response()
+                }
             }
         }
     };
@@ -64,7 +68,11 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     if app.ready.load(Ordering::SeqCst) {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready"})),
+        )
+            .into_response()
     }
 }
 
@@ -92,24 +100,38 @@ pub fn render_metrics(app: &AppState) -> Response {
         if let Some(st) = app.limiter.status(&k.name) {
             app.metrics.set_period_spend(&k.name, st.key.spent_nanos);
             if let Some(rem) = st.key.remaining_nanos {
-                app.metrics.set_budget_remaining(&k.name, i64::try_from(rem).unwrap_or(i64::MAX));
+                app.metrics
+                    .set_budget_remaining(&k.name, i64::try_from(rem).unwrap_or(i64::MAX));
             }
         }
     }
-    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], app.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        app.metrics.render(),
+    )
+        .into_response()
 }
 
-pub async fn key_self(State(app): State<Arc<AppState>>, Extension(caller): Extension<Caller>) -> Response {
+pub async fn key_self(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     match caller.0 {
         Some(k) => {
             let status = app.limiter.status(&k.name);
-            Json(json!({"name": k.name, "team": k.team, "allow": k.allow, "limits": status})).into_response()
+            Json(json!({"name": k.name, "team": k.team, "allow": k.allow, "limits": status}))
+                .into_response()
         }
-        None => ApiError::invalid_key("No key: the gateway runs with auth = \"none\".").into_response(),
+        None => {
+            ApiError::invalid_key("No key: the gateway runs with auth = \"none\".").into_response()
+        }
     }
 }
 
-pub async fn list_models(State(app): State<Arc<AppState>>, Extension(caller): Extension<Caller>) -> Response {
+pub async fn list_models(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     let rt = app.runtime.load();
     let data: Vec<Value> = rt
         .config
@@ -118,13 +140,18 @@ pub async fn list_models(State(app): State<Arc<AppState>>, Extension(caller): Ex
         .map(|r| (r, "triage-router"))
         .chain(rt.config.models.keys().map(|m| (m, "triage")))
         .filter(|(name, _)| caller.0.as_ref().is_none_or(|k| k.may_use(name)))
-        .map(|(name, owner)| json!({"id": name, "object": "model", "created": 0, "owned_by": owner}))
+        .map(
+            |(name, owner)| json!({"id": name, "object": "model", "created": 0, "owned_by": owner}),
+        )
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// Step 1: the body, bounded; over the limit is a 413 envelope.
-pub async fn read_body(app: &AppState, req: Request) -> Result<(HeaderMap, Bytes, Option<RequestId>), ApiError> {
+pub async fn read_body(
+    app: &AppState,
+    req: Request,
+) -> Result<(HeaderMap, Bytes, Option<RequestId>), ApiError> {
     let limit = app.runtime.load().config.server.max_body_bytes;
     let (parts, body) = req.into_parts();
     if let Some(len) = parts
@@ -161,14 +188,23 @@ pub fn resolve(rt: &Runtime, caller: &Caller, model: &str) -> Result<Target, Api
     };
     if let Some(k) = &caller.0 {
         if !k.may_use(model) {
-            return Err(ApiError::forbidden(format!("Key `{}` may not use `{model}`.", k.name)));
+            return Err(ApiError::forbidden(format!(
+                "Key `{}` may not use `{model}`.",
+                k.name
+            )));
         }
     }
     Ok(target)
 }
 
 /// `/v1/completions` and `/v1/embeddings`: same model resolution, body passed through.
-async fn passthrough(app: &Arc<AppState>, caller: &Caller, req: Request, path: &str, allow_routers: bool) -> Result<Response, ApiError> {
+async fn passthrough(
+    app: &Arc<AppState>,
+    caller: &Caller,
+    req: Request,
+    path: &str,
+    allow_routers: bool,
+) -> Result<Response, ApiError> {
     let (_headers, bytes, _rid) = read_body(app, req).await?;
     let body = request::parse_object(&bytes)?;
     let model = request::model_field(&body)?;
@@ -188,25 +224,46 @@ async fn passthrough(app: &Arc<AppState>, caller: &Caller, req: Request, path: &
         }
     };
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let d = dispatch(app, &rt, &candidates, path, |m| {
-        let mut b = body.clone();
-        b.insert("model".into(), Value::String(m.upstream_model.clone()));
-        Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
-    }, tier.as_deref())
+    let d = dispatch(
+        app,
+        &rt,
+        &candidates,
+        path,
+        |m| {
+            let mut b = body.clone();
+            b.insert("model".into(), Value::String(m.upstream_model.clone()));
+            Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
+        },
+        tier.as_deref(),
+    )
     .await?;
     let mut decision = decision;
     decision.model = d.candidate.model.name.clone();
     decision.fell_back_from = d.fell_back_from;
     let mut resp = if stream {
-        let fwd = SseForwarder::new(d.response.body, false, 0, false, Instant::now(), Box::new(|_| {}));
+        let fwd = SseForwarder::new(
+            d.response.body,
+            false,
+            0,
+            false,
+            Instant::now(),
+            Box::new(|_| {}),
+        );
         Response::builder()
             .header(header::CONTENT_TYPE, "text/event-stream")
             .body(Body::from_stream(fwd))
             .map_err(|e| ApiError::internal(e.to_string()))?
     } else {
-        let body = d.response.collect(MAX_UPSTREAM_BODY).await.map_err(|e| ApiError::bad_gateway(e.to_string()))?;
+        let body = d
+            .response
+            .collect(MAX_UPSTREAM_BODY)
+            .await
+            .map_err(|e| ApiError::bad_gateway(e.to_string()))?;
         if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-            return Err(ApiError::bad_gateway(format!("Provider for `{}` returned invalid JSON.", decision.model)));
+            return Err(ApiError::bad_gateway(format!(
+                "Provider for `{}` returned invalid JSON.",
+                decision.model
+            )));
         }
         json_response(body)
     };
@@ -216,10 +273,22 @@ async fn passthrough(app: &Arc<AppState>, caller: &Caller, req: Request, path: &
     Ok(resp)
 }
 
-pub async fn completions(State(app): State<Arc<AppState>>, Extension(caller): Extension<Caller>, req: Request) -> Response {
-    passthrough(&app, &caller, req, "/completions", true).await.unwrap_or_else(IntoResponse::into_response)
+pub async fn completions(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    req: Request,
+) -> Response {
+    passthrough(&app, &caller, req, "/completions", true)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
-pub async fn embeddings(State(app): State<Arc<AppState>>, Extension(caller): Extension<Caller>, req: Request) -> Response {
-    passthrough(&app, &caller, req, "/embeddings", false).await.unwrap_or_else(IntoResponse::into_response)
+pub async fn embeddings(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    req: Request,
+) -> Response {
+    passthrough(&app, &caller, req, "/embeddings", false)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }

@@ -74,7 +74,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/embeddings", post(handlers::embeddings))
         .route("/models", get(handlers::list_models))
         .route("/triage/keys/self", get(handlers::key_self))
-        .route_layer(middleware::from_fn_with_state(state.clone(), handlers::authenticate));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            handlers::authenticate,
+        ));
     Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
@@ -84,7 +87,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
-            ApiError::internal("The gateway hit an internal error; it has been logged.").into_response()
+            ApiError::internal("The gateway hit an internal error; it has been logged.")
+                .into_response()
         }))
         .layer(middleware::from_fn(access_log))
 }
@@ -125,7 +129,11 @@ async fn access_log(mut req: Request, next: Next) -> Response {
         resp.headers_mut().insert("x-request-id", v);
     }
     let status = resp.status().as_u16();
-    let facts = resp.extensions().get::<LogFacts>().cloned().unwrap_or_default();
+    let facts = resp
+        .extensions()
+        .get::<LogFacts>()
+        .cloned()
+        .unwrap_or_default();
     let err = resp.extensions().get::<error::ErrorCode>().map(|e| e.0);
     let micros = start.elapsed().as_micros() as u64;
     if path != "/healthz" && path != "/readyz" && path != "/metrics" {
@@ -188,7 +196,11 @@ impl Gateway {
 }
 
 /// Accept loop with graceful drain; returns once drained or the grace ends.
-pub async fn serve(state: Arc<AppState>, listener: TcpListener, signal: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    signal: impl std::future::Future<Output = ()>,
+) {
     let (grace, header_timeout, max_header) = {
         let rt = state.runtime.load();
         let s = &rt.config.server;
@@ -201,7 +213,10 @@ pub async fn serve(state: Arc<AppState>, listener: TcpListener, signal: impl std
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_buf_size(max_header.max(8192));
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(max_header as u32);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(max_header as u32);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     state.ready.store(true, Ordering::SeqCst);
     tokio::pin!(signal);
@@ -266,7 +281,10 @@ async fn request_started(stream: &tokio::net::TcpStream, limit: Duration) -> boo
 /// Serves only `/metrics` (for `metrics.listen`, so it need not be public).
 pub async fn serve_metrics(state: Arc<AppState>, listener: TcpListener) {
     let app = Router::new()
-        .route("/metrics", get(|State(app): State<Arc<AppState>>| async move { handlers::render_metrics(&app) }))
+        .route(
+            "/metrics",
+            get(|State(app): State<Arc<AppState>>| async move { handlers::render_metrics(&app) }),
+        )
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics listener stopped");

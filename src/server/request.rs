@@ -33,11 +33,15 @@ const MAX_N: u64 = 128;
 
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     if bytes.is_empty() {
-        return Err(ApiError::invalid_request("Request body is empty; expected a JSON object."));
+        return Err(ApiError::invalid_request(
+            "Request body is empty; expected a JSON object.",
+        ));
     }
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::invalid_request("Request body must be a JSON object.")),
+        Ok(_) => Err(ApiError::invalid_request(
+            "Request body must be a JSON object.",
+        )),
         Err(e) => Err(ApiError::invalid_request(format!(
             "We could not parse the JSON body of your request ({e})."
         ))),
@@ -47,9 +51,10 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
 pub fn model_field(body: &Map<String, Value>) -> Result<String, ApiError> {
     match body.get("model") {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-        Some(Value::String(_)) | None => {
-            Err(ApiError::invalid_param("model", "you must provide a model parameter"))
-        }
+        Some(Value::String(_)) | None => Err(ApiError::invalid_param(
+            "model",
+            "you must provide a model parameter",
+        )),
         Some(_) => Err(ApiError::invalid_param("model", "`model` must be a string")),
     }
 }
@@ -57,10 +62,9 @@ pub fn model_field(body: &Map<String, Value>) -> Result<String, ApiError> {
 fn opt_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| ApiError::invalid_param(field, format!("`{field}` must be a non-negative integer"))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            ApiError::invalid_param(field, format!("`{field}` must be a non-negative integer"))
+        }),
     }
 }
 
@@ -68,7 +72,10 @@ fn opt_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiE
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(ApiError::invalid_param(field, format!("`{field}` must be a boolean"))),
+        Some(_) => Err(ApiError::invalid_param(
+            field,
+            format!("`{field}` must be a boolean"),
+        )),
     }
 }
 
@@ -88,7 +95,12 @@ pub fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
                 ))
             }
         },
-        Some(_) => return Err(ApiError::invalid_param("stream_options", "`stream_options` must be an object")),
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "stream_options",
+                "`stream_options` must be an object",
+            ))
+        }
     };
     let max_tokens = match opt_u64(&body, "max_completion_tokens")? {
         Some(m) => Some(m),
@@ -96,7 +108,10 @@ pub fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
     };
     let n = opt_u64(&body, "n")?.unwrap_or(1);
     if n == 0 || n > MAX_N {
-        return Err(ApiError::invalid_param("n", format!("`n` must be between 1 and {MAX_N}")));
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("`n` must be between 1 and {MAX_N}"),
+        ));
     }
     let features = features(&body)?;
     Ok(ChatRequest {
@@ -114,15 +129,31 @@ fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ApiError> {
     let messages = match body.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => {
-            return Err(ApiError::invalid_param("messages", "`messages` must contain at least one message"))
+            return Err(ApiError::invalid_param(
+                "messages",
+                "`messages` must contain at least one message",
+            ))
         }
-        Some(_) => return Err(ApiError::invalid_param("messages", "`messages` must be an array")),
-        None => return Err(ApiError::invalid_param("messages", "you must provide a messages parameter")),
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "`messages` must be an array",
+            ))
+        }
+        None => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "you must provide a messages parameter",
+            ))
+        }
     };
     let mut f = RequestFeatures::default();
     for (i, m) in messages.iter().enumerate() {
         let Some(obj) = m.as_object() else {
-            return Err(ApiError::invalid_param(&format!("messages[{i}]"), format!("`messages[{i}]` must be an object")));
+            return Err(ApiError::invalid_param(
+                &format!("messages[{i}]"),
+                format!("`messages[{i}]` must be an object"),
+            ));
         };
         let role = match obj.get("role") {
             Some(Value::String(r)) => r.as_str(),
@@ -144,7 +175,11 @@ fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ApiError> {
                 for p in parts {
                     match p.get("type").and_then(Value::as_str) {
                         Some("text") => {
-                            f.prompt_tokens += p.get("text").and_then(Value::as_str).map(estimate_tokens).unwrap_or(0)
+                            f.prompt_tokens += p
+                                .get("text")
+                                .and_then(Value::as_str)
+                                .map(estimate_tokens)
+                                .unwrap_or(0)
                         }
                         Some("image_url") | Some("input_image") => {
                             f.has_images = true;
@@ -164,7 +199,10 @@ fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ApiError> {
     if let Some(Value::Array(tools)) = body.get("tools") {
         if !tools.is_empty() {
             f.has_tools = true;
-            f.prompt_tokens += tools.iter().map(|t| estimate_tokens(&t.to_string())).sum::<u64>();
+            f.prompt_tokens += tools
+                .iter()
+                .map(|t| estimate_tokens(&t.to_string()))
+                .sum::<u64>();
         }
     }
     if body.get("functions").is_some() {
@@ -238,10 +276,19 @@ mod tests {
             (br#"{"messages":[{"role":"user","content":"x"}]}"#, "model"),
             (br#"{"model":"m"}"#, "messages"),
             (br#"{"model":"m","messages":[]}"#, "messages"),
-            (br#"{"model":"m","messages":[{"content":"x"}]}"#, "messages[0].role"),
+            (
+                br#"{"model":"m","messages":[{"content":"x"}]}"#,
+                "messages[0].role",
+            ),
             (br#"{"model":"m","messages":[{"role":"user"}],"n":0}"#, "n"),
-            (br#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#, "stream"),
-            (br#"{"model":"m","messages":[{"role":"user"}],"max_tokens":-1}"#, "max_tokens"),
+            (
+                br#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#,
+                "stream",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user"}],"max_tokens":-1}"#,
+                "max_tokens",
+            ),
         ];
         for (body, param) in cases {
             let e = parse_chat(body).err();

@@ -6,13 +6,14 @@ use crate::auth::KeyTable;
 use crate::cache::ResponseCache;
 use crate::classify::embedded::EmbeddedClassifier;
 use crate::config::{BudgetPeriodKind, ClassifierKind, Config, OnUnavailable, StoreConfig};
-use crate::guard::{Guard, MemoryStore, SessionStore};
+use crate::guard::{Guard, MemoryStore, RedisSessionStore, SessionStore};
 use crate::limits::{
-    KeySpec, LimitBackend, LimitSpec, LimitSpecs, Limiter, Period, RedisLimiter, RedisSettings, StoreEvent, StoreEvents,
+    KeySpec, LimitBackend, LimitSpec, LimitSpecs, Limiter, Period, RedisLimiter, RedisSettings,
+    StoreEvent, StoreEvents,
 };
 use crate::metrics::{KnownNames, Metrics};
 use crate::route::Health;
-use crate::store::{SpendLedger, SqliteLedger};
+use crate::store::{SharedRedis, SpendLedger, SqliteLedger};
 use crate::upstream::Provider;
 use crate::StartupError;
 use arc_swap::ArcSwap;
@@ -31,10 +32,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn build(config: Config, sessions: &Arc<MemoryStore>) -> Result<Runtime, StartupError> {
+    pub fn build(
+        config: Config,
+        sessions: &Arc<dyn SessionStore>,
+    ) -> Result<Runtime, StartupError> {
         let mut providers = HashMap::new();
         for (name, p) in &config.providers {
-            let provider = Provider::new(p.clone()).map_err(|e| StartupError::Provider(name.clone(), e.to_string()))?;
+            let provider = Provider::new(p.clone())
+                .map_err(|e| StartupError::Provider(name.clone(), e.to_string()))?;
             providers.insert(name.clone(), Arc::new(provider));
         }
         let classifiers = load_classifiers(&config)?;
@@ -42,12 +47,18 @@ impl Runtime {
         let mut guards = HashMap::new();
         for (name, r) in &config.routers {
             if let Some(g) = &r.guard {
-                guards.insert(format!("router:{name}"), Arc::new(Guard::new(g.clone(), store.clone())));
+                guards.insert(
+                    format!("router:{name}"),
+                    Arc::new(Guard::new(g.clone(), store.clone())),
+                );
             }
         }
         for k in &config.keys {
             if let Some(g) = &k.guard {
-                guards.insert(format!("key:{}", k.name), Arc::new(Guard::new(g.clone(), store.clone())));
+                guards.insert(
+                    format!("key:{}", k.name),
+                    Arc::new(Guard::new(g.clone(), store.clone())),
+                );
             }
         }
         Ok(Runtime {
@@ -64,7 +75,9 @@ impl Runtime {
     }
 }
 
-fn load_classifiers(config: &Config) -> Result<HashMap<String, Arc<EmbeddedClassifier>>, StartupError> {
+fn load_classifiers(
+    config: &Config,
+) -> Result<HashMap<String, Arc<EmbeddedClassifier>>, StartupError> {
     use crate::classify::embedded::{Example, TrainOptions};
     let mut out = HashMap::new();
     let needs_default = config
@@ -79,7 +92,8 @@ fn load_classifiers(config: &Config) -> Result<HashMap<String, Arc<EmbeddedClass
     for (name, c) in &config.classifiers {
         let path = format!("classifiers.{name}");
         let model = if let Some(f) = &c.model_file {
-            EmbeddedClassifier::load(&config.base_dir.join(f)).map_err(|e| StartupError::Other(format!("{path}.model_file: {e}")))?
+            EmbeddedClassifier::load(&config.base_dir.join(f))
+                .map_err(|e| StartupError::Other(format!("{path}.model_file: {e}")))?
         } else {
             let examples: Vec<Example> = c
                 .examples
@@ -146,13 +160,20 @@ pub fn limit_specs(config: &Config) -> LimitSpecs {
                 )
             })
             .collect(),
-        teams: config.teams.iter().map(|(n, l)| (n.clone(), spec(l))).collect(),
+        teams: config
+            .teams
+            .iter()
+            .map(|(n, l)| (n.clone(), spec(l)))
+            .collect(),
     }
 }
 
 /// Names metrics may use as label values.
 pub fn known_names(config: &Config) -> KnownNames {
-    let mut labels: Vec<String> = crate::config::DEFAULT_LABELS.iter().map(|s| s.to_string()).collect();
+    let mut labels: Vec<String> = crate::config::DEFAULT_LABELS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     for r in config.routers.values() {
         labels.extend(r.labels.iter().cloned());
         labels.extend(r.keywords.iter().map(|(l, _)| l.clone()));
@@ -180,28 +201,41 @@ pub struct AppState {
     pub limiter: Arc<dyn LimitBackend>,
     pub ledger: Option<Arc<SqliteLedger>>,
     pub cache: ArcSwap<Option<ResponseCache>>,
-    pub sessions: Arc<MemoryStore>,
+    /// Agent sessions: in memory, or in Redis for `[store] kind = "redis"`.
+    pub sessions: Arc<dyn SessionStore>,
     pub verdicts: VerdictCache,
+    /// Async Redis client of the sessions and the shared cache tier (`kind = "redis"` only).
+    pub shared_redis: Option<Arc<SharedRedis>>,
 }
 
 impl AppState {
     pub fn new(config: Config) -> Result<AppState, StartupError> {
-        let sessions = Arc::new(MemoryStore::default());
-        let metrics = Metrics::with_known(&known_names(&config)).map_err(|e| StartupError::Other(e.to_string()))?;
+        let metrics = Metrics::with_known(&known_names(&config))
+            .map_err(|e| StartupError::Other(e.to_string()))?;
         for m in config.models.keys() {
             metrics.set_deployment_healthy(m, true);
         }
         let metrics = Arc::new(metrics);
         metrics.set_store_up(true);
         let ledger = match config.store.state_dir() {
-            Some(state_dir) => Some(Arc::new(
-                SqliteLedger::open(state_dir).map_err(|e| StartupError::Other(format!("store.state_dir: {e}")))?,
-            )),
+            Some(state_dir) => {
+                Some(Arc::new(SqliteLedger::open(state_dir).map_err(|e| {
+                    StartupError::Other(format!("store.state_dir: {e}"))
+                })?))
+            }
             None => None,
         };
-        let dyn_ledger: Option<Arc<dyn SpendLedger>> = ledger.clone().map(|l| l as Arc<dyn SpendLedger>);
+        let dyn_ledger: Option<Arc<dyn SpendLedger>> =
+            ledger.clone().map(|l| l as Arc<dyn SpendLedger>);
         let limiter = build_limiter(&config, dyn_ledger, &metrics)?;
-        let cache = build_cache(&config);
+        let shared_redis = build_shared_redis(&config, &metrics)?;
+        let sessions: Arc<dyn SessionStore> = match (&shared_redis, &config.store) {
+            (Some(r), StoreConfig::Redis { on_unavailable, .. }) => Arc::new(
+                RedisSessionStore::new(r.clone(), *on_unavailable == OnUnavailable::FailOpen),
+            ),
+            _ => Arc::new(MemoryStore::default()),
+        };
+        let cache = build_cache(&config, shared_redis.as_ref());
         let runtime = Runtime::build(config, &sessions)?;
         Ok(AppState {
             runtime: ArcSwap::from_pointee(runtime),
@@ -213,6 +247,7 @@ impl AppState {
             cache: ArcSwap::from_pointee(cache),
             sessions,
             verdicts: moka::sync::Cache::builder().max_capacity(10_000).build(),
+            shared_redis,
         })
     }
 
@@ -225,12 +260,24 @@ impl AppState {
             .map_err(|e| StartupError::Other(format!("keys: {e}")))?;
         self.metrics.set_known(&known_names(&runtime.config));
         let old = self.runtime.load();
+        if old.config.store != runtime.config.store {
+            tracing::warn!("[store] changed: the limit store and ledger are chosen at startup; restart to apply");
+        }
         let cache_changed = {
             let (a, b) = (&old.config.cache, &runtime.config.cache);
-            a.enabled != b.enabled || a.max_bytes != b.max_bytes || a.ttl != b.ttl
+            a.enabled != b.enabled
+                || a.max_bytes != b.max_bytes
+                || a.ttl != b.ttl
+                || a.shared != b.shared
         };
         if cache_changed {
-            self.cache.store(Arc::new(build_cache(&runtime.config)));
+            if runtime.config.cache.shared && self.shared_redis.is_none() {
+                tracing::warn!("cache.shared: the running store is not Redis (restart to apply [store]); the cache stays per replica");
+            }
+            self.cache.store(Arc::new(build_cache(
+                &runtime.config,
+                self.shared_redis.as_ref(),
+            )));
         }
         self.runtime.store(Arc::new(runtime));
         Ok(())
@@ -275,7 +322,8 @@ fn build_limiter(
             StoreEvent::Unavailable { op, outcome } => m.record_store_unavailable(op, outcome),
             StoreEvent::Up(up) => m.set_store_up(up),
         });
-        let limiter = RedisLimiter::new(&specs, settings, ledger, Some(events)).map_err(|e| StartupError::Other(format!("store: {e}")))?;
+        let limiter = RedisLimiter::new(&specs, settings, ledger, Some(events))
+            .map_err(|e| StartupError::Other(format!("store: {e}")))?;
         limiter
             .load_fallback_spend()
             .map_err(|e| StartupError::Other(format!("loading spend from the ledger: {e}")))?;
@@ -286,15 +334,48 @@ fn build_limiter(
         }
         return Ok(Arc::new(limiter));
     }
-    let limiter = Limiter::new(&specs, crate::limits::Clock::system(), ledger).map_err(|e| StartupError::Other(format!("keys: {e}")))?;
+    let limiter = Limiter::new(&specs, crate::limits::Clock::system(), ledger)
+        .map_err(|e| StartupError::Other(format!("keys: {e}")))?;
     limiter
         .load_spend_from_ledger()
         .map_err(|e| StartupError::Other(format!("loading spend from the ledger: {e}")))?;
     Ok(Arc::new(limiter))
 }
 
-fn build_cache(config: &Config) -> Option<ResponseCache> {
+/// The async Redis client of the sessions and the shared cache, for `[store] kind = "redis"`.
+fn build_shared_redis(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<SharedRedis>>, StartupError> {
+    let StoreConfig::Redis {
+        url,
+        key_prefix,
+        timeout,
+        ..
+    } = &config.store
+    else {
+        return Ok(None);
+    };
+    let m = metrics.clone();
+    let events: StoreEvents = Arc::new(move |e| {
+        if let StoreEvent::Unavailable { op, outcome } = e {
+            m.record_store_unavailable(op, outcome);
+        }
+    });
+    SharedRedis::new(url, key_prefix, *timeout, Some(events))
+        .map(Some)
+        .map_err(|e| StartupError::Other(format!("store.url: {e}")))
+}
+
+fn build_cache(config: &Config, redis: Option<&Arc<SharedRedis>>) -> Option<ResponseCache> {
     let c = &config.cache;
-    c.enabled
-        .then(|| ResponseCache::new(crate::cache::CacheConfig::new(c.max_bytes, c.ttl)))
+    c.enabled.then(|| {
+        let cfg = crate::cache::CacheConfig::new(c.max_bytes, c.ttl);
+        match redis {
+            Some(r) if c.shared => {
+                ResponseCache::with_shared(cfg, crate::cache::SharedTier::new(r.clone()))
+            }
+            _ => ResponseCache::new(cfg),
+        }
+    })
 }

@@ -186,7 +186,10 @@ impl SseForwarder {
             completed,
             chunks: if completed { self.record.take() } else { None },
             first_byte: self.first_byte,
-            error: self.upstream_error.take().or_else(|| (!completed).then(|| "client disconnected".to_string())),
+            error: self
+                .upstream_error
+                .take()
+                .or_else(|| (!completed).then(|| "client disconnected".to_string())),
             finish_reason: self.finish_reason.take(),
         });
     }
@@ -265,19 +268,31 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     fn chunks(parts: Vec<&'static [u8]>) -> BodyStream {
-        Box::pin(futures::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from_static(p)))))
+        Box::pin(futures::stream::iter(
+            parts.into_iter().map(|p| Ok(Bytes::from_static(p))),
+        ))
     }
 
     async fn run(parts: Vec<&'static [u8]>, strip: bool) -> (String, StreamEnd) {
         let end = Arc::new(Mutex::new(None));
         let e2 = end.clone();
-        let fwd = SseForwarder::new(chunks(parts), strip, 10, true, Instant::now(), Box::new(move |e| {
-            if let Ok(mut g) = e2.lock() {
-                *g = Some(e);
-            }
-        }));
+        let fwd = SseForwarder::new(
+            chunks(parts),
+            strip,
+            10,
+            true,
+            Instant::now(),
+            Box::new(move |e| {
+                if let Ok(mut g) = e2.lock() {
+                    *g = Some(e);
+                }
+            }),
+        );
         let out: Vec<Bytes> = fwd.map(|r| r.unwrap_or_default()).collect().await;
-        let text = out.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<String>();
+        let text = out
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect::<String>();
         let end = end.lock().ok().and_then(|mut g| g.take());
         (text, end.unwrap_or_else(|| panic!("on_end not called")))
     }
@@ -288,7 +303,10 @@ mod tests {
             b"data: {\"choices\":[{\"delta\":{\"content\":\"hi there\"}}],\"usage\":null}\n\n",
             b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n",
         ], true).await;
-        assert_eq!(text, "data: {\"choices\":[{\"delta\":{\"content\":\"hi there\"}}]}\n\ndata: [DONE]\n\n");
+        assert_eq!(
+            text,
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi there\"}}]}\n\ndata: [DONE]\n\n"
+        );
         assert!(end.completed);
         assert_eq!(end.usage.prompt_tokens, 7);
         assert!(!end.usage.estimated);
@@ -297,7 +315,11 @@ mod tests {
 
     #[tokio::test]
     async fn broken_stream_ends_with_an_error_event_and_estimates() {
-        let (text, end) = run(vec![b"data: {\"choices\":[{\"delta\":{\"content\":\"abcdefgh\"}}]}\n\n"], true).await;
+        let (text, end) = run(
+            vec![b"data: {\"choices\":[{\"delta\":{\"content\":\"abcdefgh\"}}]}\n\n"],
+            true,
+        )
+        .await;
         assert!(text.ends_with("\n\n"));
         assert!(text.contains("\"error\""));
         assert!(!end.completed);

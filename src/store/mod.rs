@@ -17,6 +17,9 @@ use serde::Serialize;
 
 use crate::limits::{Period, SubjectKind};
 
+mod shared_redis;
+pub use shared_redis::SharedRedis;
+
 /// File name of the ledger inside the state directory.
 pub const LEDGER_FILE: &str = "ledger.sqlite3";
 

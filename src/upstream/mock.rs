@@ -86,7 +86,11 @@ fn message_text(m: &Value) -> String {
 
 /// Deterministic reply words for a prompt.
 fn reply_words(model: &str, prompt: &str, n_words: u32) -> Vec<String> {
-    let snippet: String = prompt.split_whitespace().take(8).collect::<Vec<_>>().join(" ");
+    let snippet: String = prompt
+        .split_whitespace()
+        .take(8)
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut text = format!("[{model}] You asked: \"{snippet}\".");
     // Only the tag names the model: the same prompt gets the same body from
     // every mock deployment, so votes across deployments can agree.
@@ -144,7 +148,8 @@ fn plan(settings: &MockSettings, body: &Value) -> Result<Plan, Response> {
     // JSON mode is honoured by the larger mocks; like many small local models,
     // the `small` ones ignore it (which lets a cascade's json gate escalate).
     let wants_json = matches!(
-        body.pointer("/response_format/type").and_then(Value::as_str),
+        body.pointer("/response_format/type")
+            .and_then(Value::as_str),
         Some("json_object") | Some("json_schema")
     );
     if wants_json && !model.contains("small") && finish == "stop" {
@@ -196,7 +201,11 @@ async fn chat(State(st): State<Arc<MockState>>, body: Bytes) -> Response {
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let usage_field = if include_usage { Some(Value::Null) } else { None };
+    let usage_field = if include_usage {
+        Some(Value::Null)
+    } else {
+        None
+    };
     let chunk = |delta: Value, finish: Value| {
         let mut c = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": p.model,
@@ -209,7 +218,10 @@ async fn chat(State(st): State<Arc<MockState>>, body: Bytes) -> Response {
         crate::upstream::sse::frame(c.to_string().as_bytes())
     };
     let mut frames: Vec<Bytes> = Vec::with_capacity(p.words.len() + 4);
-    frames.push(chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+    frames.push(chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ));
     for (i, w) in p.words.iter().enumerate() {
         let piece = if i == 0 { w.clone() } else { format!(" {w}") };
         frames.push(chunk(json!({"content": piece}), Value::Null));
@@ -229,12 +241,13 @@ async fn chat(State(st): State<Arc<MockState>>, body: Bytes) -> Response {
     } else {
         Duration::from_micros(1_000_000 / tps as u64)
     };
-    let stream = futures::stream::iter(frames.into_iter().enumerate()).then(move |(i, f)| async move {
-        if i > 0 && !gap.is_zero() {
-            tokio::time::sleep(gap).await;
-        }
-        Ok::<_, std::convert::Infallible>(f)
-    });
+    let stream =
+        futures::stream::iter(frames.into_iter().enumerate()).then(move |(i, f)| async move {
+            if i > 0 && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+            Ok::<_, std::convert::Infallible>(f)
+        });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -244,7 +257,11 @@ async fn chat(State(st): State<Arc<MockState>>, body: Bytes) -> Response {
 
 async fn completions(State(st): State<Arc<MockState>>, Json(body): Json<Value>) -> Response {
     st.calls.fetch_add(1, Ordering::Relaxed);
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("mock").to_string();
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
     let prompt = match body.get("prompt") {
         Some(Value::String(s)) => s.clone(),
         Some(v) => v.to_string(),
@@ -266,13 +283,28 @@ async fn completions(State(st): State<Arc<MockState>>, Json(body): Json<Value>) 
 
 async fn embeddings(State(st): State<Arc<MockState>>, Json(body): Json<Value>) -> Response {
     st.calls.fetch_add(1, Ordering::Relaxed);
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("mock").to_string();
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
     let inputs: Vec<String> = match body.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect(),
         _ => return error(StatusCode::BAD_REQUEST, "missing field `input`"),
     };
-    let dims = body.get("dimensions").and_then(Value::as_u64).unwrap_or(8).clamp(1, 4096) as usize;
+    let dims = body
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .unwrap_or(8)
+        .clamp(1, 4096) as usize;
     let mut tokens = 0;
     let data: Vec<Value> = inputs
         .iter()

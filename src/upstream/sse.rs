@@ -170,7 +170,9 @@ mod tests {
 
     #[test]
     fn parses_events_comments_and_multiline() {
-        let evs = parse_all(&[b": ping\n\ndata: {\"a\":1}\n\nevent: x\ndata: l1\ndata: l2\r\n\r\ndata: [DONE]\n\n"]);
+        let evs = parse_all(&[
+            b": ping\n\ndata: {\"a\":1}\n\nevent: x\ndata: l1\ndata: l2\r\n\r\ndata: [DONE]\n\n",
+        ]);
         assert_eq!(evs.len(), 3);
         assert_eq!(evs[0].data.as_ref(), b"{\"a\":1}");
         assert_eq!(evs[1].event.as_deref(), Some("x"));
