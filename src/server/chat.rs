@@ -692,20 +692,22 @@ async fn check_guards(
                 finding.header_value(),
             ));
             match action {
-                LoopAction::Block => return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_request_error",
-                    Some("loop_detected"),
-                    format!(
+                LoopAction::Block => {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_request_error",
+                        Some("loop_detected"),
+                        format!(
                         "The conversation repeats itself ({}); refusing to call the model again.",
                         finding.header_value()
                     ),
-                )
-                .with_header(
-                    HeaderName::from_static(crate::guard::LOOP_HEADER),
-                    HeaderValue::from_str(&finding.header_value())
-                        .unwrap_or(HeaderValue::from_static("repeated")),
-                )),
+                    )
+                    .with_header(
+                        HeaderName::from_static(crate::guard::LOOP_HEADER),
+                        HeaderValue::from_str(&finding.header_value())
+                            .unwrap_or(HeaderValue::from_static("repeated")),
+                    ))
+                }
                 LoopAction::Escalate => out.escalate = true,
                 LoopAction::Flag => {}
             }

@@ -4,13 +4,12 @@
 //! because the client went away — reports the outcome exactly once.
 
 use super::error::ApiError;
-use crate::upstream::sse::{frame, SseEvent, SseParser, DONE_FRAME};
+use crate::upstream::sse::{SseEvent, SseParser, DONE_FRAME};
 use crate::upstream::BodyStream;
 use crate::usage::{estimate_tokens, Usage};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use serde::Deserialize;
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -62,7 +61,9 @@ pub struct SseForwarder {
     upstream: BodyStream,
     parser: SseParser,
     scratch: Vec<SseEvent>,
-    out: VecDeque<Bytes>,
+    /// Frames ready for the client; everything one upstream read produced
+    /// goes out as one write.
+    out: BytesMut,
     strip_usage: bool,
     prompt_estimate: u64,
     completion_estimate: u64,
@@ -92,7 +93,7 @@ impl SseForwarder {
             upstream,
             parser: SseParser::new(),
             scratch: Vec::new(),
-            out: VecDeque::new(),
+            out: BytesMut::new(),
             strip_usage,
             prompt_estimate,
             completion_estimate: 0,
@@ -114,7 +115,7 @@ impl SseForwarder {
         }
         if ev.is_done() {
             self.saw_done = true;
-            self.out.push_back(Bytes::from_static(DONE_FRAME));
+            self.out.extend_from_slice(DONE_FRAME);
             return;
         }
         let mut forward = true;
@@ -153,19 +154,24 @@ impl SseForwarder {
             rec.push(ev.data.clone());
         }
         if forward {
-            let data = if self.strip_usage {
-                strip_null_usage(&ev.data)
-            } else {
-                ev.data
-            };
-            self.out.push_back(frame(&data));
+            self.out.extend_from_slice(b"data: ");
+            let data: &[u8] = &ev.data;
+            match self.strip_usage.then(|| find(data, NULL_USAGE)).flatten() {
+                // Drop the `,"usage":null` we caused by asking for usage.
+                Some(i) => {
+                    self.out.extend_from_slice(&data[..i]);
+                    self.out.extend_from_slice(&data[i + NULL_USAGE.len()..]);
+                }
+                None => self.out.extend_from_slice(data),
+            }
+            self.out.extend_from_slice(b"\n\n");
         }
     }
 
     fn fail(&mut self, message: String) {
         tracing::warn!(error = %message, "upstream stream broke");
         let err = ApiError::bad_gateway(message.clone());
-        self.out.push_back(err.sse_event());
+        self.out.extend_from_slice(&err.sse_event());
         self.upstream_error = Some(message);
         self.ended = true;
     }
@@ -195,18 +201,10 @@ impl SseForwarder {
     }
 }
 
-/// Removes `,"usage":null` that we caused by asking for usage.
-fn strip_null_usage(data: &Bytes) -> Bytes {
-    const PAT: &[u8] = b",\"usage\":null";
-    match data.windows(PAT.len()).position(|w| w == PAT) {
-        Some(i) => {
-            let mut v = Vec::with_capacity(data.len() - PAT.len());
-            v.extend_from_slice(&data[..i]);
-            v.extend_from_slice(&data[i + PAT.len()..]);
-            Bytes::from(v)
-        }
-        None => data.clone(),
-    }
+const NULL_USAGE: &[u8] = b",\"usage\":null";
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 impl Stream for SseForwarder {
@@ -215,11 +213,11 @@ impl Stream for SseForwarder {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
-            if let Some(b) = this.out.pop_front() {
+            if !this.out.is_empty() {
                 if this.first_byte.is_none() {
                     this.first_byte = Some(this.started.elapsed());
                 }
-                return Poll::Ready(Some(Ok(b)));
+                return Poll::Ready(Some(Ok(this.out.split().freeze())));
             }
             if this.ended || this.saw_done {
                 this.finish();
