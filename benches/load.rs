@@ -6,7 +6,8 @@
 //! prints requests/s, p50/p99 latency, time to first byte, the overhead
 //! (through − direct) and the throughput ratio. Then triage's resident memory
 //! idle and with 1,000 open streams. Everything targets 127.0.0.1 and is
-//! bounded in time (`LOAD_SECS` per cell, default 3).
+//! bounded in time (`LOAD_SECS` per cell, default 3). `LOAD_CONC=1,32` and
+//! `LOAD_ONLY=sse` narrow the run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use futures::StreamExt;
@@ -388,7 +389,9 @@ async fn main() {
         "ratio",
         "errors"
     );
-    for (d, t) in &pairs {
+    // LOAD_ONLY=sse runs only the scenarios whose name contains it.
+    let only = std::env::var("LOAD_ONLY").unwrap_or_default();
+    for (d, t) in pairs.iter().filter(|(_, t)| t.name.contains(only.as_str())) {
         for &c in &concs {
             let rd = run(&client, d, c, secs).await;
             let rt = run(&client, t, c, secs).await;
