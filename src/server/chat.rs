@@ -383,34 +383,12 @@ async fn chat(
 
     // 9–10. Execute and respond.
     if let Some(v) = plan.vote.clone() {
-        return run_vote(
-            app,
-            &rt,
-            &chat,
-            plan,
-            v,
-            meter,
-            bill,
-            extra_headers,
-            fill,
-            facts,
-        )
-        .await;
+        let run = MultiCall::new(meter, bill, extra_headers, fill);
+        return run_vote(app, &rt, &chat, plan, v, run, facts).await;
     }
     if let Some(c) = plan.cascade.clone() {
-        return run_cascade(
-            app,
-            &rt,
-            &chat,
-            plan,
-            c,
-            meter,
-            bill,
-            extra_headers,
-            fill,
-            facts,
-        )
-        .await;
+        let run = MultiCall::new(meter, bill, extra_headers, fill);
+        return run_cascade(app, &rt, &chat, plan, c, run, facts).await;
     }
     let mut decision = plan.decision;
     let dispatched = dispatch(
@@ -1177,16 +1155,22 @@ fn serve_hit(
     Ok(with_headers(resp, extra))
 }
 
+/// One call of a vote or cascade.
+struct Call<'a> {
+    candidates: &'a [Candidate],
+    /// Overrides the request's temperature.
+    temperature: Option<f64>,
+    /// Replaces the conversation (the judge's prompt).
+    messages: Option<Vec<Value>>,
+    tier: Option<&'a str>,
+}
+
 /// One non-streamed upstream call for a vote, judge or cascade step.
-#[allow(clippy::too_many_arguments)]
 async fn call_once(
     app: &AppState,
     rt: &Runtime,
     chat: &ChatRequest,
-    candidates: &[Candidate],
-    temperature: Option<f64>,
-    messages: Option<Vec<Value>>,
-    tier: Option<&str>,
+    call: Call<'_>,
     served: &Mutex<Vec<(Arc<ModelConfig>, Usage)>>,
 ) -> Result<CallResult, ApiError> {
     let body_for = |m: &ModelConfig| {
@@ -1194,12 +1178,12 @@ async fn call_once(
         b.insert("model".into(), Value::String(m.upstream_model.clone()));
         b.remove("stream");
         b.remove("stream_options");
-        if let Some(t) = temperature {
+        if let Some(t) = call.temperature {
             if let Some(n) = serde_json::Number::from_f64(t) {
                 b.insert("temperature".into(), Value::Number(n));
             }
         }
-        if let Some(ms) = &messages {
+        if let Some(ms) = &call.messages {
             b.insert("messages".into(), Value::Array(ms.clone()));
             for k in [
                 "tools",
@@ -1214,7 +1198,15 @@ async fn call_once(
         }
         Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
     };
-    let d = dispatch(app, rt, candidates, "/chat/completions", body_for, tier).await?;
+    let d = dispatch(
+        app,
+        rt,
+        call.candidates,
+        "/chat/completions",
+        body_for,
+        call.tier,
+    )
+    .await?;
     let model = d.candidate.model.clone();
     let body = d
         .response
@@ -1273,121 +1265,172 @@ fn respond_with_completion(chat: &ChatRequest, completion: &Value, usage: Usage)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A request answered by several upstream calls (a vote or a cascade): once
+/// decided it is billed per call, answered, and maybe cached, like any other.
+struct MultiCall {
+    meter: Meter,
+    bill: Bill,
+    extra: Vec<(HeaderName, String)>,
+    fill: Option<FillGuard>,
+    /// (deployment that answered, its usage) per finished call.
+    served: Mutex<Vec<(Arc<ModelConfig>, Usage)>>,
+    started: Instant,
+}
+
+impl MultiCall {
+    fn new(
+        meter: Meter,
+        bill: Bill,
+        extra: Vec<(HeaderName, String)>,
+        fill: Option<FillGuard>,
+    ) -> Self {
+        MultiCall {
+            meter,
+            bill,
+            extra,
+            fill,
+            served: Mutex::new(Vec::new()),
+            started: Instant::now(),
+        }
+    }
+
+    /// Moves the finished calls into the bill; returns the models that answered, in order.
+    fn collect(&mut self, facts: &mut LogFacts) -> Vec<String> {
+        let wait = self.started.elapsed();
+        self.meter.upstream_wait = wait;
+        facts.upstream_wait = wait;
+        let served: Vec<_> = self.served.lock().drain(..).collect();
+        served
+            .into_iter()
+            .map(|(m, u)| {
+                self.bill.add(&m, u);
+                m.name.clone()
+            })
+            .collect()
+    }
+
+    /// Settles and answers with the decided completion.
+    async fn answer(
+        mut self,
+        chat: &ChatRequest,
+        completion: &Value,
+        decision: &RouteDecision,
+        outcome: (&'static str, String),
+        cacheable: bool,
+        facts: &mut LogFacts,
+    ) -> Response {
+        self.meter.model = decision.model.clone();
+        self.meter.tier = decision.tier.clone().unwrap_or_default();
+        self.extra
+            .push((HeaderName::from_static(outcome.0), outcome.1));
+        self.extra.push((
+            HeaderName::from_static("x-triage-route"),
+            decision.header_value(),
+        ));
+        facts.route = Some(decision.header_value());
+        let resp = respond_with_completion(chat, completion, self.bill.usage());
+        self.meter.finish(200, &self.bill, None);
+        if let (Some(g), true) = (self.fill, cacheable) {
+            if let Ok(entry) = Entry::from_completion(completion) {
+                g.complete(entry, None).await;
+            }
+        }
+        with_headers(resp, self.extra)
+    }
+
+    fn fail(self, err: ApiError) -> ApiError {
+        self.meter.finish(err.status.as_u16(), &self.bill, None);
+        err
+    }
+}
+
 async fn run_vote(
     app: &Arc<AppState>,
     rt: &Runtime,
     chat: &ChatRequest,
     plan: Plan,
     v: Arc<CompiledVote>,
-    mut meter: Meter,
-    mut bill: Bill,
-    mut extra: Vec<(HeaderName, String)>,
-    fill: Option<FillGuard>,
+    mut run: MultiCall,
     facts: &mut LogFacts,
 ) -> Result<Response, ApiError> {
-    let served: Mutex<Vec<(Arc<ModelConfig>, Usage)>> = Mutex::new(Vec::new());
     let question =
         route::classify::input_text(crate::config::InputMode::LastUser, chat).into_owned();
-    let t0 = Instant::now();
     let tier = plan.decision.tier.clone();
+    let served = &run.served;
     let outcome = vote::run_vote(&v, &question, |spec: CallSpec| {
         let candidates: Vec<Candidate> =
             match spec.model.as_ref().and_then(|m| rt.config.models.get(m)) {
                 Some(m) => route::direct_candidates(&rt.config, m),
                 None => plan.candidates.clone(),
             };
-        let served = &served;
         let tier = tier.clone();
         async move {
-            call_once(
-                app,
-                rt,
-                chat,
-                &candidates,
-                spec.temperature,
-                spec.messages,
-                tier.as_deref(),
-                served,
-            )
-            .await
+            let call = Call {
+                candidates: &candidates,
+                temperature: spec.temperature,
+                messages: spec.messages,
+                tier: tier.as_deref(),
+            };
+            call_once(app, rt, chat, call, served).await
         }
     })
     .instrument(tracing::info_span!("vote", n = v.cfg.n))
     .await;
-    let wait = t0.elapsed();
-    meter.upstream_wait = wait;
-    facts.upstream_wait = wait;
-    for (m, u) in served.lock().drain(..) {
-        bill.add(&m, u);
-    }
-    let router = plan.router.as_ref().map(|r| r.name.as_str()).unwrap_or("");
-    let mut decision = plan.decision;
-    match outcome {
-        Ok(o) => {
-            let of = o.of.max(1);
-            app.metrics.record_vote(
-                router,
-                o.strategy.as_str(),
-                f64::from(o.agree) / f64::from(of),
-                u64::from(o.cancelled),
-            );
-            extra.push((HeaderName::from_static("x-triage-vote"), o.header()));
-            let winner_model = o
-                .calls
-                .iter()
-                .find(|c| c.index == o.winner)
-                .and_then(|c| c.model.clone());
-            decision.model = winner_model
-                .or_else(|| plan.candidates.first().map(|c| c.model.name.clone()))
-                .unwrap_or_default();
-            meter.model = decision.model.clone();
-            extra.push((
-                HeaderName::from_static("x-triage-route"),
-                decision.header_value(),
-            ));
-            facts.route = Some(decision.header_value());
-            let usage = bill.usage();
-            let resp = respond_with_completion(chat, &o.completion, usage);
-            meter.finish(200, &bill, None);
-            if let Some(g) = fill {
-                if let Ok(entry) = Entry::from_completion(&o.completion) {
-                    g.complete(entry, None).await;
-                }
-            }
-            Ok(with_headers(resp, extra))
-        }
+    run.collect(facts);
+    let o = match outcome {
+        Ok(o) => o,
         Err(e) => {
             let (valid, needed) = match &e {
                 vote::VoteError::InsufficientValid { valid, needed, .. } => (*valid, *needed),
                 vote::VoteError::FallbackFailed { valid, needed, .. } => (*valid, *needed),
             };
-            meter.finish(502, &bill, None);
-            Err(ApiError::bad_gateway(format!(
+            return Err(run.fail(ApiError::bad_gateway(format!(
                 "Vote failed: only {valid} valid answers, {needed} needed."
-            )))
+            ))));
         }
-    }
+    };
+    let router = plan.router.as_ref().map(|r| r.name.as_str()).unwrap_or("");
+    app.metrics.record_vote(
+        router,
+        o.strategy.as_str(),
+        f64::from(o.agree) / f64::from(o.of.max(1)),
+        u64::from(o.cancelled),
+    );
+    let mut decision = plan.decision;
+    let winner_model = o
+        .calls
+        .iter()
+        .find(|c| c.index == o.winner)
+        .and_then(|c| c.model.clone());
+    decision.model = winner_model
+        .or_else(|| plan.candidates.first().map(|c| c.model.name.clone()))
+        .unwrap_or_default();
+    Ok(run
+        .answer(
+            chat,
+            &o.completion,
+            &decision,
+            ("x-triage-vote", o.header()),
+            true,
+            facts,
+        )
+        .await)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run_cascade(
     app: &Arc<AppState>,
     rt: &Runtime,
     chat: &ChatRequest,
     plan: Plan,
     c: Arc<CompiledCascade>,
-    mut meter: Meter,
-    mut bill: Bill,
-    mut extra: Vec<(HeaderName, String)>,
-    fill: Option<FillGuard>,
+    mut run: MultiCall,
     facts: &mut LogFacts,
 ) -> Result<Response, ApiError> {
-    let served: Mutex<Vec<(Arc<ModelConfig>, Usage)>> = Mutex::new(Vec::new());
     let request = Value::Object(chat.body.clone());
-    let t0 = Instant::now();
+    let served = &run.served;
     let outcome = vote::run_cascade(&c, &request, |i: usize| {
         let tier_name = c.tiers.get(i).cloned().unwrap_or_default();
+        // Only this tier's deployments: escalation is the cascade's job.
         let candidates: Vec<Candidate> = rt
             .config
             .tiers
@@ -1403,63 +1446,44 @@ async fn run_cascade(
                     .collect()
             })
             .unwrap_or_default();
-        let served = &served;
         async move {
-            call_once(
-                app,
-                rt,
-                chat,
-                &candidates,
-                None,
-                None,
-                Some(&tier_name),
-                served,
-            )
-            .await
+            let call = Call {
+                candidates: &candidates,
+                temperature: None,
+                messages: None,
+                tier: Some(&tier_name),
+            };
+            call_once(app, rt, chat, call, served).await
         }
     })
     .instrument(tracing::info_span!("cascade"))
     .await;
-    let wait = t0.elapsed();
-    meter.upstream_wait = wait;
-    facts.upstream_wait = wait;
-    let served_models: Vec<String> = served.lock().iter().map(|(m, _)| m.name.clone()).collect();
-    for (m, u) in served.lock().drain(..) {
-        bill.add(&m, u);
-    }
-    let router = plan.router.as_ref().map(|r| r.name.as_str()).unwrap_or("");
-    let mut decision = plan.decision;
-    match outcome {
-        Ok(o) => {
-            for a in &o.attempts {
-                if let vote::TierResult::GateFailed(g) = &a.result {
-                    app.metrics.record_cascade_escalation(router, g.name());
-                }
-            }
-            extra.push((HeaderName::from_static("x-triage-cascade"), o.header()));
-            decision.tier = c.tiers.get(o.tier).cloned();
-            meter.tier = decision.tier.clone().unwrap_or_default();
-            decision.model = served_models.last().cloned().unwrap_or_default();
-            meter.model = decision.model.clone();
-            extra.push((
-                HeaderName::from_static("x-triage-route"),
-                decision.header_value(),
-            ));
-            facts.route = Some(decision.header_value());
-            let resp = respond_with_completion(chat, &o.completion, bill.usage());
-            meter.finish(200, &bill, None);
-            if let (Some(g), true) = (fill, o.passed) {
-                if let Ok(entry) = Entry::from_completion(&o.completion) {
-                    g.complete(entry, None).await;
-                }
-            }
-            Ok(with_headers(resp, extra))
-        }
+    let served_models = run.collect(facts);
+    let o = match outcome {
+        Ok(o) => o,
         Err(_) => {
-            meter.finish(502, &bill, None);
-            Err(ApiError::bad_gateway(
+            return Err(run.fail(ApiError::bad_gateway(
                 "Cascade failed: every tier's call failed.",
-            ))
+            )))
+        }
+    };
+    let router = plan.router.as_ref().map(|r| r.name.as_str()).unwrap_or("");
+    for a in &o.attempts {
+        if let vote::TierResult::GateFailed(g) = &a.result {
+            app.metrics.record_cascade_escalation(router, g.name());
         }
     }
+    let mut decision = plan.decision;
+    decision.tier = c.tiers.get(o.tier).cloned();
+    decision.model = served_models.last().cloned().unwrap_or_default();
+    Ok(run
+        .answer(
+            chat,
+            &o.completion,
+            &decision,
+            ("x-triage-cascade", o.header()),
+            o.passed,
+            facts,
+        )
+        .await)
 }
