@@ -792,6 +792,20 @@ tier = "small"
         ("chat", "rule[1]", "small", "fast"),
         "{rt:?}"
     );
+    // Long prompts keep their verdict; the second identical one is a lookup.
+    gw.state.verdicts.run_pending_tasks();
+    assert_eq!(
+        gw.state.verdicts.entry_count(),
+        0,
+        "short prompts are not cached"
+    );
+    let long = "Please refactor this Rust code so the borrow checker accepts it. ".repeat(12);
+    let first = route_text(&gw, "emb", &long).await;
+    let second = route_text(&gw, "emb", &long).await;
+    assert_eq!(first, second);
+    assert_eq!(r(&first, "label"), "code");
+    gw.state.verdicts.run_pending_tasks();
+    assert_eq!(gw.state.verdicts.entry_count(), 1);
     gw.shutdown().await;
 }
 

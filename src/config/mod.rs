@@ -1479,4 +1479,49 @@ tier = \"large\"
         let errs = parse(&text).err().map(|e| e.errors).unwrap_or_default();
         assert!(errs.iter().any(|e| e.contains("cycle")), "{errs:?}");
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Lines that are each valid TOML on their own, assembled in any order
+        /// and number: duplicate tables, wrong types, unknown keys, dangling
+        /// references. Validation must report, never panic.
+        fn line() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("[providers.p]\nkind = \"mock\"".to_string()),
+                Just("[providers.o]\nkind = \"openai\"\nbase_url = \"http://x/v1\"".to_string()),
+                Just("[models.m]\nprovider = \"p\"".to_string()),
+                Just("[models.n]\nprovider = \"nope\"\nfallbacks = [\"m\", \"n\"]".to_string()),
+                Just("[tiers.t]\nmodels = [\"m\"]\nfallback_tier = \"t\"".to_string()),
+                Just("[tiers.u]\nmodels = []\nstrategy = \"weighted\"".to_string()),
+                Just(
+                    "[routers.r]\nunknown_tier = \"t\"\n[[routers.r.rules]]\ntier = \"u\""
+                        .to_string()
+                ),
+                Just("[routers.m]\nunknown_tier = \"x\"\nclassifier = \"llm\"".to_string()),
+                Just("[keys.k]\nkey_sha256 = \"zz\"\nrpm = 0\nbudget = -1.0".to_string()),
+                Just("[cache]\nttl = \"0s\"\nscope = \"galaxy\"".to_string()),
+                Just("[server]\nlisten = \"not an address\"".to_string()),
+                Just("auth = \"none\"".to_string()),
+                "[a-z_.\\[\\]= \"0-9]{0,40}",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+                let _ = Config::parse(&text, Path::new("."));
+            }
+
+            #[test]
+            fn shuffled_sections_never_panic(lines in proptest::collection::vec(line(), 0..12)) {
+                let text = lines.join("\n");
+                if let Err(e) = Config::parse(&text, Path::new(".")) {
+                    // Every problem names where it is.
+                    prop_assert!(e.errors.iter().all(|m| !m.is_empty()));
+                }
+            }
+        }
+    }
 }

@@ -72,6 +72,17 @@ pub fn classify_rules(router: &RouterConfig, text: &str) -> Classification {
     }
 }
 
+/// Prompts at least this long have their embedded verdict cached.
+const LONG_PROMPT: usize = 512;
+
+fn verdict_key(router: &RouterConfig, text: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(router.name.as_bytes());
+    h.update(&[0]);
+    h.update(text.as_bytes());
+    h.finalize().into()
+}
+
 fn unknown(failed: bool) -> Classification {
     Classification {
         label: UNKNOWN_LABEL.to_string(),
@@ -100,24 +111,30 @@ pub async fn classify(
             let Some(model) = rt.classifiers.get(name.as_deref().unwrap_or("")) else {
                 return unknown(true);
             };
+            // Long prompts (agents resending a big context) are worth a lookup;
+            // short ones classify faster than they hash.
+            let key = (text.len() >= LONG_PROMPT).then(|| verdict_key(router, &text));
+            if let Some(c) = key.and_then(|k| app.verdicts.get(&k)) {
+                return c;
+            }
             let p = model.classify(&text);
-            match model.label_name(p.label) {
+            let c = match model.label_name(p.label) {
                 Some(l) => Classification {
                     label: l.to_string(),
                     confidence: p.confidence,
                     failed: false,
                     bill: None,
                 },
-                None => unknown(true),
+                None => return unknown(true),
+            };
+            if let Some(k) = key {
+                app.verdicts.insert(k, c.clone());
             }
+            c
         }
         ClassifierKind::Llm { model, timeout } => {
             // The verdict for the same prompt and label set is reused.
-            let mut h = blake3::Hasher::new();
-            h.update(router.name.as_bytes());
-            h.update(&[0]);
-            h.update(text.as_bytes());
-            let key: [u8; 32] = h.finalize().into();
+            let key = verdict_key(router, &text);
             if let Some(mut c) = app.verdicts.get(&key) {
                 c.bill = None;
                 return c;

@@ -280,6 +280,8 @@ impl AppState {
             )));
         }
         self.runtime.store(Arc::new(runtime));
+        // Cached verdicts may name labels or routers the new config lacks.
+        self.verdicts.invalidate_all();
         Ok(())
     }
 
