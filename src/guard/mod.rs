@@ -135,16 +135,20 @@ impl Guard {
         session: Option<&SessionKey>,
         now: SystemTime,
     ) -> Result<Option<Warning>, CeilingHit> {
-        let Some(key) = session else { return Ok(None) };
-        if self.limits.is_unlimited() {
+        let Some(key) = self.counted(session) else {
             return Ok(None);
-        }
+        };
         let now_ms = unix_ms(now);
         let usage = self
             .store
             .admit(key, &self.limits, now_ms, self.cfg.idle_ttl)
             .await?;
         Ok(self.warning(&usage, now_ms))
+    }
+
+    /// The session to count, when there is one and any ceiling is set.
+    fn counted<'a>(&self, session: Option<&'a SessionKey>) -> Option<&'a SessionKey> {
+        session.filter(|_| !self.limits.is_unlimited())
     }
 
     /// [`Guard::check`] for the gateway: also refuses with [`SessionRefusal::Unavailable`] when a
@@ -154,10 +158,9 @@ impl Guard {
         session: Option<&SessionKey>,
         now: SystemTime,
     ) -> Result<Option<Warning>, SessionRefusal> {
-        let Some(key) = session else { return Ok(None) };
-        if self.limits.is_unlimited() {
+        let Some(key) = self.counted(session) else {
             return Ok(None);
-        }
+        };
         let now_ms = unix_ms(now);
         let usage = self
             .store
@@ -175,10 +178,9 @@ impl Guard {
         spend_nanos: u64,
         now: SystemTime,
     ) {
-        let Some(key) = session else { return };
-        if self.limits.is_unlimited() {
+        let Some(key) = self.counted(session) else {
             return;
-        }
+        };
         self.store
             .record(key, tokens, spend_nanos, unix_ms(now), self.cfg.idle_ttl)
             .await;

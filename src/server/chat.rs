@@ -150,6 +150,38 @@ pub fn cost_of(m: &ModelConfig, u: &Usage) -> u64 {
 }
 
 impl Meter {
+    fn new(
+        app: &Arc<AppState>,
+        caller: &Caller,
+        plan: &Plan,
+        stream: bool,
+        cache: CacheOutcome,
+        started: Instant,
+        rid: &Arc<str>,
+    ) -> Meter {
+        Meter {
+            app: app.clone(),
+            key: caller.name().map(str::to_string),
+            router: plan
+                .router
+                .as_ref()
+                .map(|r| r.name.clone())
+                .unwrap_or_default(),
+            label: plan.decision.label.clone().unwrap_or_default(),
+            tier: plan.decision.tier.clone().unwrap_or_default(),
+            model: String::new(),
+            admission: None,
+            sessions: Vec::new(),
+            started,
+            upstream_wait: Duration::ZERO,
+            stream,
+            cache,
+            request_id: rid.clone(),
+            abandoned: None,
+            finished: false,
+        }
+    }
+
     /// Step 11: settle spend and tokens, record metrics, update the session.
     fn finish(mut self, status: u16, bill: &Bill, first_byte: Option<Duration>) {
         self.settle(status, bill, first_byte);
@@ -348,27 +380,9 @@ async fn chat(
         }
     };
 
-    let mut meter = Meter {
-        app: app.clone(),
-        key: caller.name().map(str::to_string),
-        router: plan
-            .router
-            .as_ref()
-            .map(|r| r.name.clone())
-            .unwrap_or_default(),
-        label: plan.decision.label.clone().unwrap_or_default(),
-        tier: plan.decision.tier.clone().unwrap_or_default(),
-        model: String::new(),
-        admission,
-        sessions: guards.sessions,
-        started,
-        upstream_wait: Duration::ZERO,
-        stream: chat.stream,
-        cache: cache_outcome,
-        request_id: rid.clone(),
-        abandoned: None,
-        finished: false,
-    };
+    let mut meter = Meter::new(app, caller, &plan, chat.stream, cache_outcome, started, rid);
+    meter.admission = admission;
+    meter.sessions = guards.sessions;
     let calls = plan.vote.as_ref().map_or(1, |v| v.cfg.n);
     meter.on_abandon(
         plan.candidates.first().map(|c| &c.model),
@@ -1098,6 +1112,17 @@ fn serve_hit(
         }
     };
     facts.cache = Some("hit");
+    let mut meter = Meter::new(
+        app,
+        caller,
+        &plan,
+        chat.stream,
+        CacheOutcome::Hit,
+        started,
+        rid,
+    );
+    meter.admission = admission;
+    meter.sessions = sessions;
     let mut decision = plan.decision;
     if decision.model.is_empty() {
         decision.model = "cache".into();
@@ -1109,27 +1134,6 @@ fn serve_hit(
     ));
     extra.push((HeaderName::from_static("x-triage-cache"), "hit".into()));
     let id = format!("chatcmpl-{}", &rid.replace("req-", ""));
-    let meter = Meter {
-        app: app.clone(),
-        key: caller.name().map(str::to_string),
-        router: plan
-            .router
-            .as_ref()
-            .map(|r| r.name.clone())
-            .unwrap_or_default(),
-        label: decision.label.clone().unwrap_or_default(),
-        tier: decision.tier.clone().unwrap_or_default(),
-        model: String::new(),
-        admission,
-        sessions,
-        started,
-        upstream_wait: Duration::ZERO,
-        stream: chat.stream,
-        cache: CacheOutcome::Hit,
-        request_id: rid.clone(),
-        abandoned: None,
-        finished: false,
-    };
     facts.metered = true;
     let resp = if chat.stream {
         let chunks = entry
