@@ -92,6 +92,10 @@ pub fn render_metrics(app: &AppState) -> Response {
     if let Some(c) = app.cache.load().as_ref() {
         let s = c.stats();
         app.metrics.set_cache_bytes("response", s.bytes);
+        // The cache counts evictions itself; export what happened since the last scrape.
+        let seen = app.evictions_exported.swap(s.evictions, Ordering::Relaxed);
+        app.metrics
+            .record_cache_evictions("response", s.evictions.saturating_sub(seen));
     }
     app.metrics.set_sessions_active(app.sessions.active_count());
     // Budget gauges are read at scrape time, not on every request: with a

@@ -206,6 +206,8 @@ pub struct AppState {
     pub verdicts: VerdictCache,
     /// Async Redis client of the sessions and the shared cache tier (`kind = "redis"` only).
     pub shared_redis: Option<Arc<SharedRedis>>,
+    /// Cache evictions already exported to metrics.
+    pub evictions_exported: std::sync::atomic::AtomicU64,
 }
 
 impl AppState {
@@ -247,6 +249,7 @@ impl AppState {
             cache: ArcSwap::from_pointee(cache),
             sessions,
             verdicts: moka::sync::Cache::builder().max_capacity(10_000).build(),
+            evictions_exported: std::sync::atomic::AtomicU64::new(0),
             shared_redis,
         })
     }
