@@ -1,4 +1,4 @@
-//! `POST /v1/chat/completions`: steps 5.1–5.11 of the request path in
+//! `POST /v1/chat/completions`: steps 5.1–5.10 of the request path in
 //! `server/mod.rs`, in that order.
 
 use super::dispatch::{dispatch, Dispatched};
@@ -182,7 +182,7 @@ impl Meter {
         }
     }
 
-    /// Step 11: settle spend and tokens, record metrics, update the session.
+    /// Step 10: settle spend and tokens, record metrics, update the session.
     fn finish(mut self, status: u16, bill: &Bill, first_byte: Option<Duration>) {
         self.settle(status, bill, first_byte);
     }
@@ -316,11 +316,11 @@ async fn chat(
         }
     }
 
-    // 6. Classify and route (before limits: the reservation needs the tier's prices).
+    // 5. Classify and route (before limits: the reservation needs the tier's prices).
     let plan = plan_route(app, &rt, caller, &target, &headers, &chat, guards.escalate).await;
     facts.route = Some(plan.decision.header_value());
 
-    // 7. Cache lookup.
+    // 6. Cache lookup.
     let cache_cfg = &rt.config.cache;
     let cache = app.cache.load_full();
     let cache_ttl = cache_ttl(&rt, &target, &headers);
@@ -369,7 +369,7 @@ async fn chat(
         });
     }
 
-    // 5 + 8. Rate limits and the worst-case spend reservation, in one admission.
+    // 7. Rate limits and the worst-case spend reservation, in one admission.
     let admission = match early {
         Some(a) => a,
         None => {
@@ -395,7 +395,7 @@ async fn chat(
         bill.add(m, *u);
     }
 
-    // 9–10. Execute and respond.
+    // 8–9. Execute and respond.
     if let Some(v) = plan.vote.clone() {
         let run = MultiCall::new(meter, bill, extra_headers, fill);
         return run_vote(app, &rt, &chat, plan, v, run, facts).await;
@@ -760,7 +760,7 @@ fn session_error(app: &AppState, hit: &CeilingHit) -> ApiError {
     e
 }
 
-/// Step 6: classification and the rule table (routers), or the model itself.
+/// Step 5: classification and the rule table (routers), or the model itself.
 async fn plan_route(
     app: &AppState,
     rt: &Runtime,
@@ -851,7 +851,7 @@ fn classifier_kind(r: &RouterConfig) -> &'static str {
     }
 }
 
-/// Step 8's worst case: every call this request may make, at the most
+/// Step 7's worst case: every call this request may make, at the most
 /// expensive candidate's prices, with the full output cap.
 fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
     let worst = |models: &mut dyn Iterator<Item = &Arc<ModelConfig>>| -> u64 {
@@ -983,7 +983,7 @@ fn router_worst_case(
     worst.saturating_add(classifier.unwrap_or(0))
 }
 
-/// Steps 5 and 8: one admission for rate limits and the spend reservation.
+/// Step 7: one admission for rate limits and the spend reservation.
 fn admit(
     app: &AppState,
     caller: &Caller,

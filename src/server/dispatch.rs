@@ -1,4 +1,4 @@
-//! Step 9 of the request path: send a request to the first deployment that
+//! Step 8 of the request path: send a request to the first deployment that
 //! takes it. Retries and fallbacks happen only here, before anything has
 //! been sent to the client, so they can never duplicate output.
 

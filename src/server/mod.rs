@@ -12,19 +12,22 @@
 //! 4. **Router**: `/healthz`, `/readyz`, `/metrics` are open; everything under
 //!    `/v1` first passes **authentication** (`authenticate`: virtual key → 401).
 //!    Unknown paths get a 404 envelope, wrong methods a 405 envelope.
-//! 5. **Chat handler** (`handlers::chat_completions`), step by step:
+//! 5. **Chat handler** (`chat::chat_completions`), step by step:
 //!    1. read the body, bounded by `server.max_body_bytes` (413);
 //!    2. parse the typed fields once, keep the rest verbatim (400 names the field);
 //!    3. resolve `model` to a router or a model, check the key may use it (404/403);
-//!    4. agent guards: session ceilings and tool-call loop detection;
-//!    5. rate limits: rpm, tpm on the prompt estimate, max_parallel (429);
-//!    6. classify (routers only) and pick a tier by rule → `RouteDecision`;
-//!    7. cache lookup, single-flight for identical concurrent misses;
-//!    8. reserve the worst-case cost against the key's and team's budget (429);
-//!    9. execute: one call with fallback across deployments (retries only
+//!    4. agent guards: session ceilings and tool-call loop detection (429/422);
+//!    5. classify (routers only) and pick a tier by rule → `RouteDecision`
+//!       (an LLM classifier costs a call, so its router is admitted — step 7 —
+//!       at its dearest route before classifying);
+//!    6. cache lookup, single-flight for identical concurrent misses (a hit
+//!       still passes step 7 with nothing to reserve, then is answered);
+//!    7. one admission: rpm, tpm on the prompt estimate, max_parallel, and the
+//!       worst-case cost reserved against the key's and team's budget (429);
+//!    8. execute: one call with fallback across deployments (retries only
 //!       before the first byte reaches the client), or a vote, or a cascade;
-//!    10. respond: JSON, or SSE forwarded chunk by chunk as it arrives;
-//!    11. when the response ends (or the client leaves): settle spend and
+//!    9. respond: JSON, or SSE forwarded chunk by chunk as it arrives;
+//!    10. when the response ends (or the client leaves): settle spend and
 //!        tokens, record metrics, fill the cache if the answer was complete.
 
 pub mod chat;
