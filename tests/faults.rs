@@ -1506,27 +1506,11 @@ async fn sighup_reloads_config_keeps_streams_spend_and_rejects_invalid_files() {
     let port = t.port;
     let client = http();
     let spent = || async {
-        let v: Value = client
-            .get(format!("{}/triage/keys/self", t.url()))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&client, format!("{}/triage/keys/self", t.url())).await;
         v["limits"]["key"]["spent_nanos"].as_u64().unwrap()
     };
     let models = || async {
-        let v: Value = client
-            .get(format!("{}/models", t.url()))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&client, format!("{}/models", t.url())).await;
         v["data"]
             .as_array()
             .unwrap()

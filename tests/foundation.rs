@@ -350,15 +350,7 @@ async fn request_ids_models_health_and_passthrough_endpoints() {
         .unwrap()
         .starts_with("req-"));
 
-    let models: Value = c
-        .get(format!("{}/models", gw.base_url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(&c, format!("{}/models", gw.base_url())).await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

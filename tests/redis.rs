@@ -158,15 +158,7 @@ fn metric(gw: &Gateway, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 async fn key_self(gw: &Gateway) -> Value {
-    http()
-        .get(format!("{}/triage/keys/self", gw.base_url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(&http(), format!("{}/triage/keys/self", gw.base_url())).await
 }
 
 /// Polls `gw` until its limiter reaches Redis again (a status read: it consumes no limit).

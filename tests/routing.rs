@@ -1335,15 +1335,7 @@ cooldown = "30s"
 async fn models_list_has_routers_and_direct_models_pass_through() {
     let up = MockUpstream::echo().await;
     let gw = start_gateway(&config(&up.url, &format!("{}{LABEL_ROUTER}", extra_base()))).await;
-    let v: Value = http()
-        .get(format!("{}/models", gw.base_url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(&http(), format!("{}/models", gw.base_url())).await;
     assert_eq!(v["object"], "list");
     let data = v["data"].as_array().unwrap();
     let owner = |id: &str| {

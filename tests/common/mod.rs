@@ -372,6 +372,19 @@ pub async fn post_chat_as(
     (status, headers, r.text().await.unwrap())
 }
 
+/// GET `url` with the test key and parse the JSON answer.
+pub async fn get_json(client: &reqwest::Client, url: impl AsRef<str>) -> Value {
+    client
+        .get(url.as_ref())
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
 }
