@@ -30,14 +30,16 @@ fn completion_with_usage(prompt: u64, completion: u64, cached: u64) -> Reply {
     )
 }
 
-/// The body the budget tests send: prompt estimate 4 + 1 + 3 = 8 tokens.
+/// The body the budget tests send: prompt estimate 4 + 1 + 3 = 8 tokens,
+/// reserved at one and a half times: 12.
 fn hi(model: &str, max_tokens: u64) -> Value {
     json!({"model": model, "messages": user("hi"), "max_tokens": max_tokens})
 }
 
 /// `fast` costs $1 / $2 per Mtok = 1000 / 2000 nano-dollars per token, so a
-/// request for `hi` with max_tokens 10 reserves 8 * 1000 + 10 * 2000.
-const HI_RESERVE: u64 = 8 * 1000 + 10 * 2000;
+/// request for `hi` with max_tokens 10 reserves 12 * 1000 + 10 * 2000; the
+/// mock reports 12 prompt tokens so that each call costs exactly that.
+const HI_RESERVE: u64 = 12 * 1000 + 10 * 2000;
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
     h.get(name)
@@ -198,18 +200,67 @@ async fn keys_authenticate_and_allow_lists_are_enforced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_holds_when_the_provider_counts_more_prompt_tokens_than_estimated() {
+    // We estimate 8 prompt tokens; the provider bills 11 (dense text tokenizes
+    // worse than ~4 bytes a token). The reservation's margin still covers it.
+    let up = MockUpstream::start(|_, _| {
+        Reply::Delay(
+            Duration::from_millis(30),
+            Box::new(completion_with_usage(11, 10, 0)),
+        )
+    })
+    .await;
+    let budget = 20 * HI_RESERVE;
+    let extra = format!("budget = {}\nperiod = \"total\"\n", budget as f64 / 1e9);
+    let gw = start_gateway(&config(&up.url, &extra)).await;
+    let url = format!("{}/chat/completions", gw.base_url());
+    let tasks: Vec<_> = (0..60)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                http()
+                    .post(url)
+                    .bearer_auth(KEY)
+                    .json(&hi("fast", 10))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut ok = 0u64;
+    for t in tasks {
+        if t.await.unwrap() == 200 {
+            ok += 1;
+        }
+    }
+    let st = gw.state.limiter.status("app").unwrap().key;
+    assert!(ok >= 20, "at least the reserved-for requests succeed: {ok}");
+    assert_eq!(st.spent_nanos, ok * (11 * 1000 + 10 * 2000));
+    assert!(
+        st.spent_nanos <= budget,
+        "spent {} of {budget}",
+        st.spent_nanos
+    );
+    assert_eq!(st.reserved_nanos, 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_never_overspend_the_budget() {
     // Every call costs exactly its reservation, so exactly 100 fit whatever
     // the interleaving; the delay keeps many of them in flight at once.
     let up = MockUpstream::start(|_, _| {
         Reply::Delay(
             Duration::from_millis(50),
-            Box::new(completion_with_usage(8, 10, 0)),
+            Box::new(completion_with_usage(12, 10, 0)),
         )
     })
     .await;
-    let budget = 100 * HI_RESERVE; // 2_800_000 nano-dollars
-    let extra = "budget = 0.0028\nperiod = \"total\"\n";
+    let budget = 100 * HI_RESERVE; // 3_200_000 nano-dollars
+    let extra = "budget = 0.0032\nperiod = \"total\"\n";
     let gw = start_gateway(&config(&up.url, extra)).await;
     assert_eq!(
         gw.state
@@ -287,7 +338,7 @@ async fn concurrent_requests_never_overspend_the_budget() {
     assert_eq!(status, 200);
     assert_eq!(me["limits"]["key"]["spent_nanos"], budget);
     assert_eq!(me["limits"]["key"]["remaining_nanos"], 0);
-    assert_eq!(me["limits"]["key"]["spent_usd"], "0.0028");
+    assert_eq!(me["limits"]["key"]["spent_usd"], "0.0032");
     // And the next one is refused too.
     let (status, _, body) = post_chat(&gw, hi("fast", 1)).await;
     assert_eq!(status, 429);
@@ -482,7 +533,7 @@ async fn max_parallel_refuses_a_second_request_until_the_first_finishes() {
 
 #[tokio::test]
 async fn team_limits_apply_on_top_of_key_limits() {
-    let up = MockUpstream::start(|_, _| completion_with_usage(8, 10, 0)).await;
+    let up = MockUpstream::start(|_, _| completion_with_usage(12, 10, 0)).await;
     const A: &str = "sk-team-a";
     const B: &str = "sk-team-b";
     const C: &str = "sk-team-c";
@@ -566,7 +617,7 @@ budget = 1.0
 #[tokio::test]
 async fn restart_keeps_spend() {
     let dir = tempfile::tempdir().unwrap();
-    let up = MockUpstream::start(|_, _| completion_with_usage(8, 10, 0)).await;
+    let up = MockUpstream::start(|_, _| completion_with_usage(12, 10, 0)).await;
     // Room for exactly three requests.
     let extra = format!(
         "budget = {}\nperiod = \"total\"\n",
@@ -647,7 +698,7 @@ async fn sigkill_loses_at_most_the_writer_batch_window() {
     const N: u64 = 30;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let up = MockUpstream::start(|_, _| completion_with_usage(8, 10, 0)).await;
+    let up = MockUpstream::start(|_, _| completion_with_usage(12, 10, 0)).await;
     let cfg = dir.path().join("triage.toml");
     std::fs::write(&cfg, sqlite_config(&up.url, "", &state)).unwrap();
     let port = free_port();

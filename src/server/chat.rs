@@ -851,9 +851,17 @@ fn classifier_kind(r: &RouterConfig) -> &'static str {
     }
 }
 
+/// Our estimate is ~4 bytes a token; code and digits tokenize denser. The
+/// reservation takes half again on top so that a budget holds even when the
+/// provider counts more prompt tokens than we guessed.
+fn reserved_prompt_tokens(estimate: u64) -> u64 {
+    estimate.saturating_add(estimate.div_ceil(2))
+}
+
 /// Step 7's worst case: every call this request may make, at the most
 /// expensive candidate's prices, with the full output cap.
 fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
+    let reserved_prompt = reserved_prompt_tokens(chat.features.prompt_tokens);
     let worst = |models: &mut dyn Iterator<Item = &Arc<ModelConfig>>| -> u64 {
         models
             .map(|m| {
@@ -862,7 +870,7 @@ fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
                     .unwrap_or(m.max_output_tokens)
                     .min(m.max_output_tokens.max(chat.max_tokens.unwrap_or(0)));
                 let u = Usage {
-                    prompt_tokens: chat.features.prompt_tokens,
+                    prompt_tokens: reserved_prompt,
                     completion_tokens: out.saturating_mul(u64::from(chat.n)),
                     cached_tokens: 0,
                     estimated: true,
@@ -889,8 +897,7 @@ fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
         if let Some(j) = v.cfg.judge.as_ref().and_then(|j| rt.config.models.get(j)) {
             // The judge reads every candidate: budget for n answers as its prompt.
             let u = Usage {
-                prompt_tokens: chat.features.prompt_tokens
-                    + u64::from(v.cfg.n) * j.max_output_tokens,
+                prompt_tokens: reserved_prompt + u64::from(v.cfg.n) * j.max_output_tokens,
                 completion_tokens: 64,
                 cached_tokens: 0,
                 estimated: true,
@@ -937,6 +944,7 @@ fn router_worst_case(
     chat: &ChatRequest,
     r: &Arc<RouterConfig>,
 ) -> u64 {
+    let reserved_prompt = reserved_prompt_tokens(chat.features.prompt_tokens);
     // (tier, vote, cascade) for every rule and for unknown requests.
     type RouteShape<'a> = (
         &'a str,
@@ -971,7 +979,7 @@ fn router_worst_case(
     let classifier = match &r.classifier {
         crate::config::ClassifierKind::Llm { model, .. } => rt.config.models.get(model).map(|m| {
             let u = Usage {
-                prompt_tokens: chat.features.prompt_tokens + 300,
+                prompt_tokens: reserved_prompt + 300,
                 completion_tokens: 20,
                 cached_tokens: 0,
                 estimated: true,
