@@ -520,3 +520,40 @@ fn check_command_reports_key_paths_and_exit_code() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test]
+async fn provider_key_and_extra_headers_reach_the_upstream() {
+    use axum::http::HeaderMap;
+    let seen: std::sync::Arc<std::sync::Mutex<Option<HeaderMap>>> = Default::default();
+    let s2 = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |headers: HeaderMap| {
+            let s2 = s2.clone();
+            async move {
+                *s2.lock().unwrap() = Some(headers);
+                axum::Json(json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    std::env::set_var("TRIAGE_FOUNDATION_PROVIDER_KEY", "sk-upstream-secret");
+    let toml = config(&url, "").replace(
+        "first_byte_timeout = \"2s\"",
+        "first_byte_timeout = \"2s\"\napi_key_env = \"TRIAGE_FOUNDATION_PROVIDER_KEY\"\nheaders = { \"x-org\" = \"acme\" }",
+    );
+    let gw = start_gateway(&toml).await;
+    let (status, _, body) = post_chat(&gw, json!({"model": "fast", "messages": user("hi")})).await;
+    assert_eq!(status, 200, "{body}");
+    let h = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(h["authorization"], "Bearer sk-upstream-secret");
+    assert_eq!(h["x-org"], "acme");
+    assert_eq!(h["content-type"], "application/json");
+    // The client's own key never travels upstream.
+    assert!(!h["authorization"].to_str().unwrap().contains(KEY));
+    gw.shutdown().await;
+}

@@ -80,10 +80,16 @@ impl UpstreamResponse {
     }
 }
 
+/// Endpoints with their URL parsed once, not on every request.
+const PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
+
 enum Transport {
     Http {
         client: reqwest::Client,
         base_url: String,
+        urls: Vec<(&'static str, reqwest::Url)>,
+        /// `Authorization` and configured headers, parsed once.
+        headers: http::HeaderMap,
     },
     Mock(axum::Router),
 }
@@ -105,6 +111,15 @@ impl Provider {
                     .pool_idle_timeout(Duration::from_secs(90))
                     .build()?,
                 base_url: base_url.clone(),
+                headers: fixed_headers(&config),
+                urls: PATHS
+                    .iter()
+                    .filter_map(|p| {
+                        reqwest::Url::parse(&format!("{base_url}{p}"))
+                            .ok()
+                            .map(|u| (*p, u))
+                    })
+                    .collect(),
             },
             ProviderKind::Mock(settings) => Transport::Mock(mock::router(settings.clone())),
         };
@@ -169,17 +184,17 @@ impl Provider {
 
     async fn send_inner(&self, path: &str, body: Bytes) -> Result<UpstreamResponse, UpstreamError> {
         match &self.transport {
-            Transport::Http { client, base_url } => {
-                let mut req = client
-                    .post(format!("{base_url}{path}"))
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(body);
-                if let Some(k) = &self.config.api_key {
-                    req = req.bearer_auth(k);
-                }
-                for (h, v) in &self.config.headers {
-                    req = req.header(h, v);
-                }
+            Transport::Http {
+                client,
+                base_url,
+                urls,
+                headers,
+            } => {
+                let mut req = match urls.iter().find(|(p, _)| *p == path) {
+                    Some((_, url)) => client.post(url.clone()),
+                    None => client.post(format!("{base_url}{path}")),
+                };
+                req = req.headers(headers.clone()).body(body);
                 let resp = req.send().await.map_err(|e| UpstreamError::Connect {
                     provider: self.config.name.clone(),
                     detail: error_chain(&e),
@@ -229,6 +244,30 @@ impl Provider {
             }
         }
     }
+}
+
+fn fixed_headers(config: &ProviderConfig) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Some(k) = &config.api_key {
+        if let Ok(mut v) = http::HeaderValue::from_str(&format!("Bearer {k}")) {
+            v.set_sensitive(true);
+            h.insert(http::header::AUTHORIZATION, v);
+        }
+    }
+    // Validated at config load; anything unparsable was already reported.
+    for (name, value) in &config.headers {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            h.insert(n, v);
+        }
+    }
+    h
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
