@@ -1173,9 +1173,15 @@ async fn cooldown_skips_deployment_then_fallback_tier_serves() {
     // Both are cooling now: skipped without a call, straight to the fallback tier.
     for i in 0..2 {
         let rt = route_text(&gw, "auto", &format!("hello again {i}")).await;
+        // The header says the rule's tier was passed over, and why.
         assert_eq!(
-            (r(&rt, "tier"), r(&rt, "model"), r(&rt, "reason")),
-            ("large", "smart", "rule[0]"),
+            (
+                r(&rt, "tier"),
+                r(&rt, "model"),
+                r(&rt, "reason"),
+                r(&rt, "cooling")
+            ),
+            ("large", "smart", "rule[0]+fallback", "fast,fast2"),
             "{rt:?}"
         );
     }
@@ -1215,8 +1221,13 @@ async fn cooldown_after_consecutive_failures_skips_without_a_call() {
     for i in 0..3 {
         let rt = route_text(&gw, "auto", &format!("later {i}")).await;
         assert_eq!(
-            (r(&rt, "tier"), r(&rt, "model"), r(&rt, "reason")),
-            ("pool", "fast2", "rule[0]"),
+            (
+                r(&rt, "tier"),
+                r(&rt, "model"),
+                r(&rt, "reason"),
+                r(&rt, "cooling")
+            ),
+            ("pool", "fast2", "rule[0]+fallback", "fast"),
             "{rt:?}"
         );
     }

@@ -35,6 +35,8 @@ pub struct RouteDecision {
     pub reason: RouteReason,
     /// Deployments tried and abandoned before `model` answered.
     pub fell_back_from: Vec<String>,
+    /// Deployments passed over without a call because they were cooling down.
+    pub skipped: Vec<String>,
 }
 
 impl RouteDecision {
@@ -47,6 +49,7 @@ impl RouteDecision {
             model: model.to_string(),
             reason: RouteReason::Direct,
             fell_back_from: Vec::new(),
+            skipped: Vec::new(),
         }
     }
 
@@ -56,7 +59,7 @@ impl RouteDecision {
             RouteReason::Rule(i) => format!("rule[{i}]"),
             RouteReason::Unknown(why) => format!("unknown:{why}"),
         };
-        if !self.fell_back_from.is_empty() {
+        if !self.fell_back_from.is_empty() || !self.skipped.is_empty() {
             s.push_str("+fallback");
         }
         s
@@ -80,6 +83,9 @@ impl RouteDecision {
         let _ = write!(s, "model={}; reason={}", self.model, self.reason_str());
         if !self.fell_back_from.is_empty() {
             let _ = write!(s, "; fallback_from={}", self.fell_back_from.join(","));
+        }
+        if !self.skipped.is_empty() {
+            let _ = write!(s, "; cooling={}", self.skipped.join(","));
         }
         s
     }

@@ -422,6 +422,7 @@ async fn chat(
         candidate,
         response,
         fell_back_from,
+        skipped,
         upstream_wait,
     } = match dispatched {
         Ok(d) => d,
@@ -437,6 +438,7 @@ async fn chat(
         meter.tier = t.name.clone();
     }
     decision.fell_back_from = fell_back_from;
+    decision.skipped = skipped;
     meter.model = candidate.model.name.clone();
     meter.upstream_wait = upstream_wait;
     let route_header = decision.header_value();
@@ -831,6 +833,7 @@ async fn plan_route(
                     model: String::new(),
                     reason,
                     fell_back_from: Vec::new(),
+                    skipped: Vec::new(),
                 },
                 candidates,
                 vote,

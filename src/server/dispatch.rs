@@ -17,6 +17,8 @@ pub struct Dispatched {
     pub candidate: Candidate,
     pub response: UpstreamResponse,
     pub fell_back_from: Vec<String>,
+    /// Deployments passed over because they were cooling down.
+    pub skipped: Vec<String>,
     /// Time spent waiting on providers up to the response head.
     pub upstream_wait: Duration,
 }
@@ -33,14 +35,14 @@ pub async fn dispatch(
 ) -> Result<Dispatched, ApiError> {
     let mut fell_back_from: Vec<String> = Vec::new();
     let mut last_error: Option<ApiError> = None;
-    let mut skipped = 0usize;
+    let mut skipped: Vec<String> = Vec::new();
     let wait_start = Instant::now();
     let metrics = &app.metrics;
     for cand in candidates {
         let m = &cand.model;
         let admit = app.health.admit(&m.name);
         if admit == Admit::CoolingDown {
-            skipped += 1;
+            skipped.push(m.name.clone());
             continue;
         }
         // A probe abandoned before its verdict (client gone) gives its slot back.
@@ -69,6 +71,7 @@ pub async fn dispatch(
                         candidate: cand.clone(),
                         response: resp,
                         fell_back_from,
+                        skipped,
                         upstream_wait: wait_start.elapsed(),
                     });
                 }
@@ -152,7 +155,7 @@ pub async fn dispatch(
             || "the requested model".to_string(),
             |t| format!("tier `{t}`"),
         );
-        if skipped > 0 {
+        if !skipped.is_empty() {
             ApiError::unavailable(format!(
                 "Every deployment of {what} is cooling down after failures; try again shortly."
             ))

@@ -244,6 +244,7 @@ async fn passthrough(
     let mut decision = decision;
     decision.model = d.candidate.model.name.clone();
     decision.fell_back_from = d.fell_back_from;
+    decision.skipped = d.skipped;
     let mut resp = if stream {
         let fwd = SseForwarder::new(
             d.response.body,
