@@ -941,3 +941,58 @@ async fn keys_new_prints_a_key_and_its_hash() {
     assert_eq!(me["name"], "x");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn completions_and_embeddings_are_metered_and_limited() {
+    // Text completions and embeddings draw on the same budget as chat.
+    let up = MockUpstream::start(|req, _| {
+        let body = if req.get("input").is_some() {
+            json!({"object": "list", "model": req["model"],
+                   "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
+                   "usage": {"prompt_tokens": 5, "total_tokens": 5}})
+        } else {
+            json!({"id": "c", "object": "text_completion", "created": 1, "model": req["model"],
+                   "choices": [{"index": 0, "text": "seven words of plain text here now", "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
+        };
+        Reply::Raw(200, "application/json", body.to_string())
+    })
+    .await;
+    // Reservations: completion 3 * 1000 + 10 * 2000 = 23000, embedding 3 * 1000.
+    let gw = start_gateway(&config(&up.url, "budget = 0.000024\nperiod = \"total\"\n")).await;
+    let c = http();
+    let post = |path: &'static str, body: Value| {
+        let c = c.clone();
+        let url = format!("{}{path}", gw.base_url());
+        async move {
+            let r = c
+                .post(url)
+                .bearer_auth(KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let limit = r.headers().get("x-ratelimit-remaining-requests").is_some();
+            (status, limit, r.text().await.unwrap())
+        }
+    };
+    let completion = json!({"model": "fast", "prompt": "hello", "max_tokens": 10});
+    let (status, _, body) = post("/completions", completion.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(spent(&gw, "app"), 5 * 1000 + 7 * 2000);
+    let (status, _, body) = post("/completions", completion).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(error_code(&body), "insufficient_quota");
+    let (status, _, body) = post("/embeddings", json!({"model": "fast", "input": "hello"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(spent(&gw, "app"), 5 * 1000 + 7 * 2000 + 5 * 1000);
+    assert_eq!(
+        up.calls(),
+        2,
+        "the refused completion never reached the provider"
+    );
+    let (status, _, _) = post("/embeddings", json!({"model": "fast", "input": "hello"})).await;
+    assert_eq!(status, 429);
+    gw.shutdown().await;
+}

@@ -1502,3 +1502,188 @@ async fn run_cascade(
         )
         .await)
 }
+
+/// Prompt text of a `/v1/completions` (`prompt`) or `/v1/embeddings` (`input`) body.
+fn passthrough_prompt_tokens(body: &serde_json::Map<String, Value>) -> u64 {
+    fn count(v: &Value) -> u64 {
+        match v {
+            Value::String(s) => crate::usage::estimate_tokens(s),
+            Value::Array(items) => items.iter().map(count).sum(),
+            // Token ids: one each.
+            Value::Number(_) => 1,
+            _ => 0,
+        }
+    }
+    body.get("prompt")
+        .or_else(|| body.get("input"))
+        .map(count)
+        .unwrap_or(0)
+}
+
+/// `/v1/completions` and `/v1/embeddings`: the same model resolution,
+/// fallbacks, limits and spend as chat; the body is passed through.
+pub(crate) async fn passthrough(
+    app: &Arc<AppState>,
+    caller: &Caller,
+    req: Request,
+    path: &'static str,
+    allow_routers: bool,
+    rid: &Arc<str>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let (_headers, bytes, _) = read_body(app, req).await?;
+    let mut body = request::parse_object(&bytes)?;
+    let model = request::model_field(&body)?;
+    let rt = app.runtime.load_full();
+    let (candidates, decision, router) = match resolve(&rt, caller, &model)? {
+        Target::Model(m) => (route::direct_candidates(&rt.config, &m), RouteDecision::direct(&m.name), None),
+        Target::Router(r) if allow_routers => {
+            // No classifier for raw text completions: the most capable tier.
+            let tier = r.unknown_tier.clone();
+            let mut d = RouteDecision::direct(&model);
+            d.router = Some(r.name.clone());
+            d.tier = Some(tier.clone());
+            d.reason = RouteReason::Unknown("not_chat");
+            (route::tier_candidates(&rt.config, &tier, &app.health), d, Some(r))
+        }
+        Target::Router(_) => {
+            return Err(ApiError::invalid_param(
+                "model",
+                format!("`{model}` is a router; routers serve chat and text completions, name a model here."),
+            ))
+        }
+    };
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let client_wants_usage = body.pointer_bool("stream_options", "include_usage");
+    if stream {
+        // Usage on streams is needed for accounting, as on chat.
+        let opts = body
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(o) = opts {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    let prompt = passthrough_prompt_tokens(&body);
+    let embeddings = path == "/embeddings";
+    let max_out = body.get("max_tokens").and_then(Value::as_u64);
+    let reserve = candidates
+        .iter()
+        .map(|c| {
+            let out = if embeddings {
+                0
+            } else {
+                max_out.unwrap_or(c.model.max_output_tokens)
+            };
+            let u = Usage {
+                prompt_tokens: reserved_prompt_tokens(prompt),
+                completion_tokens: out,
+                cached_tokens: 0,
+                estimated: true,
+            };
+            cost_of(&c.model, &u)
+        })
+        .max()
+        .unwrap_or(0);
+    let admission = admit(app, caller, prompt, reserve)?;
+    let mut extra = Vec::new();
+    push_rate_headers(&admission, &mut extra);
+    let plan = Plan {
+        decision,
+        candidates,
+        vote: None,
+        cascade: None,
+        router,
+        classification_bill: None,
+    };
+    let mut meter = Meter::new(app, caller, &plan, stream, CacheOutcome::None, started, rid);
+    meter.admission = admission;
+    meter.on_abandon(plan.candidates.first().map(|c| &c.model), prompt, 1);
+    let tier = plan.decision.tier.clone();
+    let dispatched = dispatch(
+        app,
+        &rt,
+        &plan.candidates,
+        path,
+        |m| {
+            let mut b = body.clone();
+            b.insert("model".into(), Value::String(m.upstream_model.clone()));
+            Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
+        },
+        tier.as_deref(),
+    )
+    .await;
+    let d = match dispatched {
+        Ok(d) => d,
+        Err(e) => {
+            meter.finish(e.status.as_u16(), &Bill::default(), None);
+            return Err(e);
+        }
+    };
+    let mut decision = plan.decision;
+    decision.model = d.candidate.model.name.clone();
+    decision.fell_back_from = d.fell_back_from;
+    decision.skipped = d.skipped;
+    meter.model = decision.model.clone();
+    meter.upstream_wait = d.upstream_wait;
+    extra.push((
+        HeaderName::from_static("x-triage-route"),
+        decision.header_value(),
+    ));
+    let model = d.candidate.model.clone();
+    let resp = if stream {
+        let on_end = Box::new(move |end: StreamEnd| {
+            let mut bill = Bill::default();
+            bill.add(&model, end.usage);
+            meter.finish(200, &bill, end.first_byte);
+        });
+        let fwd = SseForwarder::new(
+            d.response.body,
+            !client_wants_usage,
+            prompt,
+            false,
+            started,
+            on_end,
+        );
+        sse_response(Body::from_stream(fwd))
+    } else {
+        let bytes = match d.response.collect(MAX_UPSTREAM_BODY).await {
+            Ok(b) => b,
+            Err(e) => {
+                meter.finish(502, &Bill::default(), None);
+                return Err(ApiError::bad_gateway(e.to_string()));
+            }
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
+            meter.finish(502, &Bill::default(), None);
+            return Err(ApiError::bad_gateway(format!(
+                "Provider for `{}` returned invalid JSON.",
+                model.name
+            )));
+        };
+        let usage = v.get("usage").and_then(Usage::from_json).unwrap_or(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            estimated: true,
+        });
+        let mut bill = Bill::default();
+        bill.add(&model, usage);
+        meter.finish(200, &bill, None);
+        json_response(bytes)
+    };
+    Ok(with_headers(resp, extra))
+}
+
+trait PointerBool {
+    fn pointer_bool(&self, a: &str, b: &str) -> bool;
+}
+
+impl PointerBool for serde_json::Map<String, Value> {
+    fn pointer_bool(&self, a: &str, b: &str) -> bool {
+        self.get(a)
+            .and_then(|o| o.get(b))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}

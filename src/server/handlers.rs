@@ -1,26 +1,19 @@
 //! Endpoint handlers. The chat path follows the numbered steps in `server/mod.rs`.
 
-use super::chat::{json_response, MAX_UPSTREAM_BODY};
-use super::dispatch::dispatch;
 use super::error::ApiError;
-use super::request;
 use super::state::{AppState, Runtime};
-use super::stream::SseForwarder;
 use super::RequestId;
 use crate::auth::{presented_key, KeyIdentity};
 use crate::config::{AuthMode, ModelConfig};
-use crate::route::{self, RouteDecision};
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, StatusCode};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// The caller of a `/v1` request (absent only with `auth = "none"`).
 #[derive(Clone, Debug)]
@@ -201,89 +194,13 @@ pub fn resolve(rt: &Runtime, caller: &Caller, model: &str) -> Result<Target, Api
     Ok(target)
 }
 
-/// `/v1/completions` and `/v1/embeddings`: same model resolution, body passed through.
-async fn passthrough(
-    app: &Arc<AppState>,
-    caller: &Caller,
-    req: Request,
-    path: &str,
-    allow_routers: bool,
-) -> Result<Response, ApiError> {
-    let (_headers, bytes, _rid) = read_body(app, req).await?;
-    let body = request::parse_object(&bytes)?;
-    let model = request::model_field(&body)?;
-    let rt = app.runtime.load_full();
-    let (candidates, tier, decision) = match resolve(&rt, caller, &model)? {
-        Target::Model(m) => (route::direct_candidates(&rt.config, &m), None, RouteDecision::direct(&m.name)),
-        Target::Router(r) if allow_routers => {
-            let tier = r.unknown_tier.clone();
-            let mut d = RouteDecision::direct(&model);
-            d.router = Some(r.name.clone());
-            d.tier = Some(tier.clone());
-            d.reason = route::RouteReason::Unknown("not_chat");
-            (route::tier_candidates(&rt.config, &tier, &app.health), Some(tier), d)
-        }
-        Target::Router(_) => {
-            return Err(ApiError::invalid_param("model", format!("`{model}` is a router; routers serve chat and text completions, name a model here.")))
-        }
-    };
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let d = dispatch(
-        app,
-        &rt,
-        &candidates,
-        path,
-        |m| {
-            let mut b = body.clone();
-            b.insert("model".into(), Value::String(m.upstream_model.clone()));
-            Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
-        },
-        tier.as_deref(),
-    )
-    .await?;
-    let mut decision = decision;
-    decision.model = d.candidate.model.name.clone();
-    decision.fell_back_from = d.fell_back_from;
-    decision.skipped = d.skipped;
-    let mut resp = if stream {
-        let fwd = SseForwarder::new(
-            d.response.body,
-            false,
-            0,
-            false,
-            Instant::now(),
-            Box::new(|_| {}),
-        );
-        Response::builder()
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .body(Body::from_stream(fwd))
-            .map_err(|e| ApiError::internal(e.to_string()))?
-    } else {
-        let body = d
-            .response
-            .collect(MAX_UPSTREAM_BODY)
-            .await
-            .map_err(|e| ApiError::bad_gateway(e.to_string()))?;
-        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-            return Err(ApiError::bad_gateway(format!(
-                "Provider for `{}` returned invalid JSON.",
-                decision.model
-            )));
-        }
-        json_response(body)
-    };
-    if let Ok(v) = HeaderValue::from_str(&decision.header_value()) {
-        resp.headers_mut().insert("x-triage-route", v);
-    }
-    Ok(resp)
-}
-
 pub async fn completions(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    passthrough(&app, &caller, req, "/completions", true)
+    let rid = request_id(&req);
+    super::chat::passthrough(&app, &caller, req, "/completions", true, &rid)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
@@ -293,7 +210,15 @@ pub async fn embeddings(
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    passthrough(&app, &caller, req, "/embeddings", false)
+    let rid = request_id(&req);
+    super::chat::passthrough(&app, &caller, req, "/embeddings", false, &rid)
         .await
         .unwrap_or_else(IntoResponse::into_response)
+}
+
+fn request_id(req: &Request) -> Arc<str> {
+    req.extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(|| Arc::from("-"))
 }

@@ -45,6 +45,9 @@ struct Peek<'a> {
 struct PeekChoice<'a> {
     #[serde(default, borrow)]
     delta: Option<PeekDelta<'a>>,
+    /// Legacy `/v1/completions` streams carry text here.
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     finish_reason: Option<&'a str>,
 }
@@ -131,6 +134,9 @@ impl SseForwarder {
                     }
                 }
                 for c in &p.choices {
+                    if let Some(t) = &c.text {
+                        self.completion_estimate += estimate_tokens(t);
+                    }
                     if let Some(d) = &c.delta {
                         if let Some(t) = &d.content {
                             self.completion_estimate += estimate_tokens(t);
