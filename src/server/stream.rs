@@ -218,17 +218,9 @@ impl Stream for SseForwarder {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        loop {
-            if !this.out.is_empty() {
-                if this.first_byte.is_none() {
-                    this.first_byte = Some(this.started.elapsed());
-                }
-                return Poll::Ready(Some(Ok(this.out.split().freeze())));
-            }
-            if this.ended || this.saw_done {
-                this.finish();
-                return Poll::Ready(None);
-            }
+        // Take everything the upstream has ready *now* (never waiting for more),
+        // so a burst of events becomes one write to the client.
+        while !this.ended && !this.saw_done && this.out.len() < COALESCE_LIMIT {
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(bytes))) => {
                     let mut events = std::mem::take(&mut this.scratch);
@@ -251,11 +243,25 @@ impl Stream for SseForwarder {
                     }
                     this.ended = true;
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => break,
             }
         }
+        if !this.out.is_empty() {
+            if this.first_byte.is_none() {
+                this.first_byte = Some(this.started.elapsed());
+            }
+            return Poll::Ready(Some(Ok(this.out.split().freeze())));
+        }
+        if this.ended || this.saw_done {
+            this.finish();
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     }
 }
+
+/// Bytes gathered before handing them to the client even if more are ready.
+const COALESCE_LIMIT: usize = 64 * 1024;
 
 impl Drop for SseForwarder {
     fn drop(&mut self) {
