@@ -49,8 +49,17 @@ pub async fn authenticate(
         }
     };
     drop(rt);
+    let key = caller.name().map(str::to_string);
     req.extensions_mut().insert(caller);
-    next.run(req).await
+    let mut resp = next.run(req).await;
+    // Endpoints that leave no facts of their own still log who called.
+    if resp.extensions().get::<super::LogFacts>().is_none() {
+        resp.extensions_mut().insert(super::LogFacts {
+            key,
+            ..Default::default()
+        });
+    }
+    resp
 }
 
 pub async fn healthz() -> Response {
