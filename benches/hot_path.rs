@@ -182,7 +182,7 @@ fn bench(c: &mut Criterion) {
                     use futures::StreamExt;
                     let up = Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)));
                     let fwd =
-                        SseForwarder::new(up, true, 10, false, Instant::now(), Box::new(|_| {}));
+                        SseForwarder::new(up, true, 10, None, Instant::now(), Box::new(|_| {}));
                     fwd.fold(
                         0usize,
                         |n, b| async move { n + b.map(|b| b.len()).unwrap_or(0) },

@@ -454,7 +454,13 @@ async fn chat(
 
     let model = candidate.model.clone();
     let resp = if chat.stream {
-        let record = fill.is_some();
+        let record = fill.as_ref().and_then(|_| {
+            let cache = app.cache.load();
+            cache
+                .as_ref()
+                .as_ref()
+                .map(|c| c.config().max_entry_bytes as usize)
+        });
         let cache_ttl_copy = cache_ttl;
         let fill_cell = Mutex::new(fill);
         let on_end = Box::new(move |end: StreamEnd| {
@@ -1641,7 +1647,7 @@ pub(crate) async fn passthrough(
             d.response.body,
             !client_wants_usage,
             prompt,
-            false,
+            None,
             started,
             on_end,
         );

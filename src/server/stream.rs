@@ -76,6 +76,9 @@ pub struct SseForwarder {
     finish_reason: Option<String>,
     ended: bool,
     record: Option<Vec<Bytes>>,
+    /// Recording stops (the answer will not be cached) past this many bytes.
+    record_limit: usize,
+    recorded: usize,
     started: Instant,
     first_byte: Option<Duration>,
     on_end: Option<OnEnd>,
@@ -83,12 +86,13 @@ pub struct SseForwarder {
 
 impl SseForwarder {
     /// `strip_usage`: the client did not ask for the usage chunk, so it and the
-    /// `"usage":null` fields we asked for are removed.
+    /// `"usage":null` fields we asked for are removed. `record`: keep the chunk
+    /// payloads (for the cache) up to this many bytes.
     pub fn new(
         upstream: BodyStream,
         strip_usage: bool,
         prompt_estimate: u64,
-        record: bool,
+        record: Option<usize>,
         started: Instant,
         on_end: OnEnd,
     ) -> Self {
@@ -105,7 +109,9 @@ impl SseForwarder {
             upstream_error: None,
             finish_reason: None,
             ended: false,
-            record: record.then(Vec::new),
+            record: record.map(|_| Vec::new()),
+            record_limit: record.unwrap_or(0),
+            recorded: 0,
             started,
             first_byte: None,
             on_end: Some(on_end),
@@ -157,7 +163,13 @@ impl SseForwarder {
             }
         }
         if let Some(rec) = &mut self.record {
-            rec.push(ev.data.clone());
+            self.recorded += ev.data.len();
+            if self.recorded > self.record_limit {
+                // Too big to cache anyway: stop holding a copy of the stream.
+                self.record = None;
+            } else {
+                rec.push(ev.data.clone());
+            }
         }
         if forward {
             self.out.extend_from_slice(b"data: ");
@@ -290,7 +302,7 @@ mod tests {
             chunks(parts),
             strip,
             10,
-            true,
+            Some(1 << 20),
             Instant::now(),
             Box::new(move |e| {
                 if let Ok(mut g) = e2.lock() {
@@ -321,6 +333,41 @@ mod tests {
         assert_eq!(end.usage.prompt_tokens, 7);
         assert!(!end.usage.estimated);
         assert_eq!(end.chunks.map(|c| c.len()), Some(2));
+    }
+
+    #[tokio::test]
+    async fn recording_stops_past_its_limit_but_the_client_gets_everything() {
+        let end = Arc::new(Mutex::new(None));
+        let e2 = end.clone();
+        let parts: Vec<&'static [u8]> = vec![
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a long enough answer\"}}]}\n\n",
+            b"data: [DONE]\n\n",
+        ];
+        let fwd = SseForwarder::new(
+            chunks(parts),
+            true,
+            10,
+            Some(16),
+            Instant::now(),
+            Box::new(move |e| {
+                if let Ok(mut g) = e2.lock() {
+                    *g = Some(e);
+                }
+            }),
+        );
+        let out: Vec<Bytes> = fwd.map(|r| r.unwrap_or_default()).collect().await;
+        let text: String = out
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        assert!(text.contains("a long enough answer") && text.ends_with("data: [DONE]\n\n"));
+        let end = end
+            .lock()
+            .ok()
+            .and_then(|mut g| g.take())
+            .unwrap_or_else(|| panic!("no end"));
+        assert!(end.completed);
+        assert!(end.chunks.is_none(), "over the limit: nothing to cache");
     }
 
     #[tokio::test]
