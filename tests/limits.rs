@@ -996,3 +996,33 @@ async fn completions_and_embeddings_are_metered_and_limited() {
     assert_eq!(status, 429);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn streamed_completions_are_charged_from_their_usage_chunk() {
+    // The common mock streams chat-shaped chunks; what matters here is that
+    // usage is asked for upstream, hidden from a client that did not ask, and billed.
+    let up = MockUpstream::echo().await;
+    let gw = start_gateway(&config(&up.url, "")).await;
+    let r = http()
+        .post(format!("{}/completions", gw.base_url()))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "fast", "prompt": "hello", "stream": true, "messages": user("one two")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(
+        !body.contains("\"usage\""),
+        "usage stays hidden unless asked for: {body}"
+    );
+    assert_eq!(up.last_request()["stream_options"]["include_usage"], true);
+    // echo: "echo: one two" -> 3 completion tokens; prompt 2 words + 1.
+    assert!(
+        eventually(|| spent(&gw, "app") == 3 * 1000 + 3 * 2000).await,
+        "spent {}",
+        spent(&gw, "app")
+    );
+    gw.shutdown().await;
+}
