@@ -305,14 +305,6 @@ pub enum OnUnavailable {
     FailOpen,
 }
 
-/// Converts USD (as written in the config) to integer nano-dollars, once, at load.
-pub fn usd_to_nanos(usd: f64) -> Option<u64> {
-    if !usd.is_finite() || !(0.0..=1.0e9).contains(&usd) {
-        return None;
-    }
-    Some((usd * 1e9).round() as u64)
-}
-
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -751,7 +743,7 @@ fn validate_providers(
 }
 
 fn price_nanos(v: &mut V, path: &str, usd: f64) -> u64 {
-    usd_to_nanos(usd).unwrap_or_else(|| {
+    crate::limits::usd_f64_to_nanos(usd).unwrap_or_else(|_| {
         v.err(
             path,
             format!("must be a non-negative USD amount, got {usd}"),

@@ -235,13 +235,6 @@ impl Health {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    pub fn is_healthy(&self, model: &str) -> bool {
-        let states = self.states.lock();
-        states
-            .get(model)
-            .is_none_or(|s| s.cooldown_until.is_none_or(|t| Instant::now() >= t))
-    }
-
     pub fn success(&self, model: &str, latency: Duration) {
         let mut states = self.states.lock();
         let s = states.entry(model.to_string()).or_default();

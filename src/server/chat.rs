@@ -1560,7 +1560,9 @@ pub(crate) async fn passthrough(
         }
     };
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let client_wants_usage = body.pointer_bool("stream_options", "include_usage");
+    let client_wants_usage = request::nested(&body, "stream_options", "include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     if stream {
         // Usage on streams is needed for accounting, as on chat.
         let opts = body
@@ -1679,17 +1681,4 @@ pub(crate) async fn passthrough(
         json_response(bytes)
     };
     Ok(with_headers(resp, extra))
-}
-
-trait PointerBool {
-    fn pointer_bool(&self, a: &str, b: &str) -> bool;
-}
-
-impl PointerBool for serde_json::Map<String, Value> {
-    fn pointer_bool(&self, a: &str, b: &str) -> bool {
-        self.get(a)
-            .and_then(|o| o.get(b))
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-    }
 }

@@ -209,21 +209,16 @@ fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ApiError> {
         f.has_tools = true;
     }
     f.json_response = matches!(
-        body.pointer_get("response_format", "type"),
+        nested(body, "response_format", "type").and_then(Value::as_str),
         Some("json_object") | Some("json_schema")
     );
     f.prompt_tokens += 3;
     Ok(f)
 }
 
-trait PointerGet {
-    fn pointer_get(&self, a: &str, b: &str) -> Option<&str>;
-}
-
-impl PointerGet for Map<String, Value> {
-    fn pointer_get(&self, a: &str, b: &str) -> Option<&str> {
-        self.get(a)?.get(b)?.as_str()
-    }
+/// `body[a][b]`, for the few nested fields the gateway reads.
+pub fn nested<'a>(body: &'a Map<String, Value>, a: &str, b: &str) -> Option<&'a Value> {
+    body.get(a)?.get(b)
 }
 
 /// Text of a message's content (string or text parts).

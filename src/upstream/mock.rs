@@ -72,18 +72,6 @@ fn error(status: StatusCode, msg: &str) -> Response {
         .into_response()
 }
 
-fn message_text(m: &Value) -> String {
-    match m.get("content") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(" "),
-        _ => String::new(),
-    }
-}
-
 /// Deterministic reply words for a prompt.
 fn reply_words(model: &str, prompt: &str, n_words: u32) -> Vec<String> {
     let snippet: String = prompt
@@ -128,10 +116,10 @@ fn plan(settings: &MockSettings, body: &Value) -> Result<Plan, Response> {
     let mut prompt_tokens = 0;
     let mut last_user = String::new();
     for m in messages {
-        let t = message_text(m);
+        let t = crate::server::request::content_text(m).unwrap_or_default();
         prompt_tokens += estimate_tokens(&t) + 4;
         if m.get("role").and_then(Value::as_str) == Some("user") {
-            last_user = t;
+            last_user = t.into_owned();
         }
     }
     let cap = body
