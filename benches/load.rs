@@ -286,87 +286,32 @@ async fn main() {
     let msg = json!([{"role": "user", "content": "hi there, how are you today?"}]);
     let body =
         |model: &str, stream: bool| json!({"model": model, "messages": msg, "stream": stream});
+    // Each scenario against the mock directly, then through triage.
+    let pair = |name: &'static str, model: &str, stream: bool| {
+        let direct_name = if stream { "direct sse" } else { "direct json" };
+        (
+            Scenario {
+                name: direct_name,
+                url: direct.clone(),
+                body: body("mock-small", stream),
+                auth: false,
+                stream,
+            },
+            Scenario {
+                name,
+                url: through.clone(),
+                body: body(model, stream),
+                auth: true,
+                stream,
+            },
+        )
+    };
     let pairs: Vec<(Scenario, Scenario)> = vec![
-        (
-            Scenario {
-                name: "direct json",
-                url: direct.clone(),
-                body: body("mock-small", false),
-                auth: false,
-                stream: false,
-            },
-            Scenario {
-                name: "passthrough json",
-                url: through.clone(),
-                body: body("small", false),
-                auth: true,
-                stream: false,
-            },
-        ),
-        (
-            Scenario {
-                name: "direct json",
-                url: direct.clone(),
-                body: body("mock-small", false),
-                auth: false,
-                stream: false,
-            },
-            Scenario {
-                name: "auto json",
-                url: through.clone(),
-                body: body("auto", false),
-                auth: true,
-                stream: false,
-            },
-        ),
-        (
-            Scenario {
-                name: "direct json",
-                url: direct.clone(),
-                body: body("mock-small", false),
-                auth: false,
-                stream: false,
-            },
-            Scenario {
-                name: "cache-hit json",
-                url: through.clone(),
-                body: body("cached", false),
-                auth: true,
-                stream: false,
-            },
-        ),
-        (
-            Scenario {
-                name: "direct sse",
-                url: direct.clone(),
-                body: body("mock-small", true),
-                auth: false,
-                stream: true,
-            },
-            Scenario {
-                name: "passthrough sse",
-                url: through.clone(),
-                body: body("small", true),
-                auth: true,
-                stream: true,
-            },
-        ),
-        (
-            Scenario {
-                name: "direct sse",
-                url: direct.clone(),
-                body: body("mock-small", true),
-                auth: false,
-                stream: true,
-            },
-            Scenario {
-                name: "auto sse",
-                url: through.clone(),
-                body: body("auto", true),
-                auth: true,
-                stream: true,
-            },
-        ),
+        pair("passthrough json", "small", false),
+        pair("auto json", "auto", false),
+        pair("cache-hit json", "cached", false),
+        pair("passthrough sse", "small", true),
+        pair("auto sse", "auto", true),
     ];
     // Warm up connections and the cache entry.
     for (_, t) in &pairs {
