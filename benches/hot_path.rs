@@ -15,7 +15,7 @@ use triage::limits::{
     AdmitRequest, Clock, KeySpec, LimitSpec, LimitSpecs, Limiter, Period, Settlement,
 };
 use triage::route::{choose_tier, tier_candidates, Classification, Health, RuleInput};
-use triage::server::request::parse_chat;
+use triage::protocol::openai::chat::parse_chat;
 use triage::server::stream::SseForwarder;
 
 /// Counts heap allocations so the report can show what each hot path allocates.

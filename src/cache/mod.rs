@@ -15,12 +15,11 @@
 //! fetching (the leader does, so single-flight stays per replica), and every completed fill is
 //! also written to Redis in the background.
 
-mod json;
 mod key;
 mod policy;
 mod shared;
 
-pub use json::{assemble_completion, completion_to_chunks, refresh_ids, DEFAULT_CHUNK_CHARS};
+pub use crate::protocol::openai::chunks::{assemble_completion, completion_to_chunks, refresh_ids, DEFAULT_CHUNK_CHARS};
 pub use key::{cache_key, cache_key_with, CacheKey, IGNORED_FIELDS};
 pub use policy::{cache_mode, CacheControl, CacheMode};
 pub use shared::{decode as decode_shared, encode as encode_shared, SharedTier};

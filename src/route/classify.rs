@@ -4,7 +4,7 @@
 
 use super::Classification;
 use crate::config::{ClassifierKind, InputMode, RouterConfig, UNKNOWN_LABEL};
-use crate::server::request::{content_text, ChatRequest};
+use crate::protocol::openai::chat::{content_text, ChatRequest};
 use crate::server::state::{AppState, Runtime};
 use serde_json::Value;
 use std::borrow::Cow;

@@ -5,7 +5,7 @@
 use crate::config::{
     Condition, Config, ModelConfig, RouterConfig, TierConfig, TierStrategy, UNKNOWN_LABEL,
 };
-use crate::server::request::RequestFeatures;
+use crate::protocol::openai::chat::RequestFeatures;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt::Write as _;

@@ -4,7 +4,7 @@
 use super::dispatch::{dispatch, Dispatched};
 use super::error::ApiError;
 use super::handlers::{read_body, resolve, Caller, Target};
-use super::request::{self, ChatRequest};
+use crate::protocol::openai::chat::{self as request, ChatRequest};
 use super::state::{AppState, Runtime};
 use super::stream::{SseForwarder, StreamEnd};
 use super::{LogFacts, RequestId};
@@ -14,7 +14,7 @@ use crate::guard::{CeilingHit, Guard, LoopAction, SessionKey, SessionRefusal};
 use crate::limits::{self, Admission, AdmitError, AdmitRequest, Settlement};
 use crate::metrics::{CacheOutcome, LimitKind, RequestRecord, UsageRecord};
 use crate::route::{self, Candidate, Classification, RouteDecision, RouteReason};
-use crate::upstream::sse::{frame, DONE_FRAME};
+use crate::protocol::sse::{frame, DONE_FRAME};
 use crate::usage::Usage;
 use crate::vote::{self, CallResult, CallSpec, CompiledCascade, CompiledVote};
 use axum::body::Body;

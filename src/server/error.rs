@@ -161,7 +161,16 @@ impl ApiError {
 
     /// The envelope as one SSE event, for errors after a stream has started.
     pub fn sse_event(&self) -> bytes::Bytes {
-        crate::upstream::sse::frame(self.envelope().to_string().as_bytes())
+        crate::protocol::sse::frame(self.envelope().to_string().as_bytes())
+    }
+}
+
+impl From<crate::protocol::ProtocolError> for ApiError {
+    fn from(e: crate::protocol::ProtocolError) -> Self {
+        match e.field {
+            Some(f) => ApiError::invalid_param(&f, e.message),
+            None => ApiError::invalid_request(e.message),
+        }
     }
 }
 

@@ -34,7 +34,6 @@ pub mod chat;
 pub mod dispatch;
 pub mod error;
 pub mod handlers;
-pub mod request;
 pub mod state;
 pub mod stream;
 

@@ -4,7 +4,7 @@
 //! because the client went away — reports the outcome exactly once.
 
 use super::error::ApiError;
-use crate::upstream::sse::{SseEvent, SseParser, DONE_FRAME};
+use crate::protocol::sse::{SseEvent, SseParser, DONE_FRAME};
 use crate::upstream::BodyStream;
 use crate::usage::{estimate_tokens, Usage};
 use bytes::{Bytes, BytesMut};

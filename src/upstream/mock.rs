@@ -116,7 +116,7 @@ fn plan(settings: &MockSettings, body: &Value) -> Result<Plan, Response> {
     let mut prompt_tokens = 0;
     let mut last_user = String::new();
     for m in messages {
-        let t = crate::server::request::content_text(m).unwrap_or_default();
+        let t = crate::protocol::openai::chat::content_text(m).unwrap_or_default();
         prompt_tokens += estimate_tokens(&t) + 4;
         if m.get("role").and_then(Value::as_str) == Some("user") {
             last_user = t.into_owned();
@@ -203,7 +203,7 @@ async fn chat(State(st): State<Arc<MockState>>, body: Bytes) -> Response {
         if let (Some(u), Some(obj)) = (&usage_field, c.as_object_mut()) {
             obj.insert("usage".into(), u.clone());
         }
-        crate::upstream::sse::frame(c.to_string().as_bytes())
+        crate::protocol::sse::frame(c.to_string().as_bytes())
     };
     let mut frames: Vec<Bytes> = Vec::with_capacity(p.words.len() + 4);
     frames.push(chunk(
@@ -220,9 +220,9 @@ async fn chat(State(st): State<Arc<MockState>>, body: Bytes) -> Response {
             "id": id, "object": "chat.completion.chunk", "created": created, "model": p.model,
             "system_fingerprint": "fp_mock", "choices": [], "usage": usage,
         });
-        frames.push(crate::upstream::sse::frame(u.to_string().as_bytes()));
+        frames.push(crate::protocol::sse::frame(u.to_string().as_bytes()));
     }
-    frames.push(Bytes::from_static(crate::upstream::sse::DONE_FRAME));
+    frames.push(Bytes::from_static(crate::protocol::sse::DONE_FRAME));
     let tps = st.settings.tokens_per_second;
     let gap = if tps == 0 {
         Duration::ZERO

@@ -3,7 +3,6 @@
 //! the same request/response shape, so the gateway has one code path.
 
 pub mod mock;
-pub mod sse;
 
 use crate::config::{ProviderConfig, ProviderKind};
 use bytes::Bytes;

@@ -1,7 +1,7 @@
 //! Parsing of OpenAI request bodies. The typed parts are read once; every
 //! other field stays in the JSON map and is forwarded untouched.
 
-use super::error::ApiError;
+use crate::protocol::ProtocolError;
 use crate::usage::estimate_tokens;
 use serde_json::{Map, Value};
 
@@ -31,55 +31,55 @@ pub struct ChatRequest {
 /// Most choices a request may ask for (OpenAI's own limit).
 const MAX_N: u64 = 128;
 
-pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ProtocolError> {
     if bytes.is_empty() {
-        return Err(ApiError::invalid_request(
+        return Err(ProtocolError::body(
             "Request body is empty; expected a JSON object.",
         ));
     }
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::invalid_request(
+        Ok(_) => Err(ProtocolError::body(
             "Request body must be a JSON object.",
         )),
-        Err(e) => Err(ApiError::invalid_request(format!(
+        Err(e) => Err(ProtocolError::body(format!(
             "We could not parse the JSON body of your request ({e})."
         ))),
     }
 }
 
-pub fn model_field(body: &Map<String, Value>) -> Result<String, ApiError> {
+pub fn model_field(body: &Map<String, Value>) -> Result<String, ProtocolError> {
     match body.get("model") {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-        Some(Value::String(_)) | None => Err(ApiError::invalid_param(
+        Some(Value::String(_)) | None => Err(ProtocolError::field(
             "model",
             "you must provide a model parameter",
         )),
-        Some(_) => Err(ApiError::invalid_param("model", "`model` must be a string")),
+        Some(_) => Err(ProtocolError::field("model", "`model` must be a string")),
     }
 }
 
-fn opt_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+fn opt_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ProtocolError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            ApiError::invalid_param(field, format!("`{field}` must be a non-negative integer"))
+            ProtocolError::field(field, format!("`{field}` must be a non-negative integer"))
         }),
     }
 }
 
-fn opt_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
+fn opt_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ProtocolError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(ApiError::invalid_param(
+        Some(_) => Err(ProtocolError::field(
             field,
             format!("`{field}` must be a boolean"),
         )),
     }
 }
 
-pub fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
+pub fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ProtocolError> {
     let body = parse_object(bytes)?;
     let model = model_field(&body)?;
     let stream = opt_bool(&body, "stream")?.unwrap_or(false);
@@ -89,14 +89,14 @@ pub fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => {
-                return Err(ApiError::invalid_param(
+                return Err(ProtocolError::field(
                     "stream_options.include_usage",
                     "`stream_options.include_usage` must be a boolean",
                 ))
             }
         },
         Some(_) => {
-            return Err(ApiError::invalid_param(
+            return Err(ProtocolError::field(
                 "stream_options",
                 "`stream_options` must be an object",
             ))
@@ -108,7 +108,7 @@ pub fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
     };
     let n = opt_u64(&body, "n")?.unwrap_or(1);
     if n == 0 || n > MAX_N {
-        return Err(ApiError::invalid_param(
+        return Err(ProtocolError::field(
             "n",
             format!("`n` must be between 1 and {MAX_N}"),
         ));
@@ -125,23 +125,23 @@ pub fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
     })
 }
 
-fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ApiError> {
+fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ProtocolError> {
     let messages = match body.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => {
-            return Err(ApiError::invalid_param(
+            return Err(ProtocolError::field(
                 "messages",
                 "`messages` must contain at least one message",
             ))
         }
         Some(_) => {
-            return Err(ApiError::invalid_param(
+            return Err(ProtocolError::field(
                 "messages",
                 "`messages` must be an array",
             ))
         }
         None => {
-            return Err(ApiError::invalid_param(
+            return Err(ProtocolError::field(
                 "messages",
                 "you must provide a messages parameter",
             ))
@@ -150,16 +150,16 @@ fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ApiError> {
     let mut f = RequestFeatures::default();
     for (i, m) in messages.iter().enumerate() {
         let Some(obj) = m.as_object() else {
-            return Err(ApiError::invalid_param(
-                &format!("messages[{i}]"),
+            return Err(ProtocolError::field(
+                format!("messages[{i}]"),
                 format!("`messages[{i}]` must be an object"),
             ));
         };
         let role = match obj.get("role") {
             Some(Value::String(r)) => r.as_str(),
             _ => {
-                return Err(ApiError::invalid_param(
-                    &format!("messages[{i}].role"),
+                return Err(ProtocolError::field(
+                    format!("messages[{i}].role"),
                     format!("`messages[{i}].role` is required and must be a string"),
                 ))
             }
@@ -291,8 +291,7 @@ mod tests {
                 Some(e) => e,
                 None => panic!("accepted {}", String::from_utf8_lossy(body)),
             };
-            assert_eq!(e.status, 400);
-            assert_eq!(e.param.as_deref().unwrap_or(""), *param);
+            assert_eq!(e.field.as_deref().unwrap_or(""), *param);
         }
     }
 

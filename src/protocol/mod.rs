@@ -1,0 +1,35 @@
+//! Wire formats: pure data and conversions, no HTTP server, no gateway state.
+//! Each protocol parses its request bodies, says what the pipeline needs to
+//! know about them (`openai::chat::ChatRequest`), and reads usage back out of
+//! responses and streams. Errors here carry no status: the edge that speaks
+//! the protocol decides how to render them.
+
+pub mod openai;
+pub mod sse;
+
+/// A request body the protocol cannot accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ProtocolError {
+    /// The offending field as a path (`messages[0].role`), if one is to blame.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl ProtocolError {
+    /// The body as a whole is wrong (not JSON, not an object, empty).
+    pub fn body(message: impl Into<String>) -> Self {
+        ProtocolError {
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// One named field is wrong.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ProtocolError {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! OpenAI's chat, completions and embeddings wire formats.
+
+pub mod chat;
+pub mod chunks;
+pub mod error;
