@@ -13,16 +13,36 @@ pub struct Usage {
     pub estimated: bool,
 }
 
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, o: Usage) {
+        self.add(&o);
+    }
+}
+
 impl Usage {
     pub fn total(&self) -> u64 {
         self.prompt_tokens + self.completion_tokens
     }
 
     pub fn add(&mut self, o: &Usage) {
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
-        self.cached_tokens += o.cached_tokens;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(o.cached_tokens);
         self.estimated |= o.estimated;
+    }
+
+    /// Reads a `usage` object leniently: missing numbers count as 0 (what a
+    /// cached answer stored is shown back, not trusted for billing).
+    pub fn from_json_lenient(v: &serde_json::Value) -> Usage {
+        Usage::from_json(v).unwrap_or_else(|| {
+            let n = |p: &str| v.pointer(p).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            Usage {
+                prompt_tokens: n("/prompt_tokens"),
+                completion_tokens: n("/completion_tokens"),
+                cached_tokens: n("/prompt_tokens_details/cached_tokens"),
+                estimated: false,
+            }
+        })
     }
 
     /// Reads OpenAI's `usage` object.

@@ -43,30 +43,7 @@ pub enum CacheError {
     Json(#[from] serde_json::Error),
 }
 
-/// Token counts of a cached answer, for display/metering of what was saved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// `usage.prompt_tokens`.
-    pub prompt_tokens: u64,
-    /// `usage.completion_tokens`.
-    pub completion_tokens: u64,
-    /// `usage.prompt_tokens_details.cached_tokens` (provider prefix cache).
-    pub cached_tokens: u64,
-}
-
-impl Usage {
-    /// Reads an OpenAI `usage` object (missing numbers count as 0).
-    pub fn from_json(usage: &Value) -> Self {
-        let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
-        Self {
-            prompt_tokens: n(usage.get("prompt_tokens")),
-            completion_tokens: n(usage.get("completion_tokens")),
-            cached_tokens: n(usage
-                .get("prompt_tokens_details")
-                .and_then(|d| d.get("cached_tokens"))),
-        }
-    }
-}
+pub use crate::usage::Usage;
 
 /// One stored answer.
 #[derive(Debug, Clone)]
@@ -102,7 +79,7 @@ impl Entry {
     pub fn from_completion(completion: &Value) -> Result<Self, CacheError> {
         let usage = completion
             .get("usage")
-            .map(Usage::from_json)
+            .map(Usage::from_json_lenient)
             .unwrap_or_default();
         Ok(Self::from_parts(
             Bytes::from(serde_json::to_vec(completion)?),
@@ -133,7 +110,7 @@ impl Entry {
         let completion = assemble_completion(parsed);
         let usage = completion
             .get("usage")
-            .map(Usage::from_json)
+            .map(Usage::from_json_lenient)
             .unwrap_or_default();
         Ok(Self::from_parts(
             Bytes::from(serde_json::to_vec(&completion)?),

@@ -88,6 +88,7 @@ pub fn decode(b: &[u8]) -> Option<Entry> {
         prompt_tokens: r.u64()?,
         completion_tokens: r.u64()?,
         cached_tokens: r.u64()?,
+        estimated: false,
     };
     let stored_at = UNIX_EPOCH + Duration::from_millis(r.u64()?);
     let completion = r.bytes()?;
@@ -196,6 +197,7 @@ mod tests {
             prompt_tokens: 7,
             completion_tokens: 3,
             cached_tokens: 1,
+            estimated: false,
         };
         for chunks in [
             None,

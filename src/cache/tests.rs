@@ -228,7 +228,8 @@ async fn modes_refresh_and_bypass() {
         Usage {
             prompt_tokens: 5,
             completion_tokens: 7,
-            cached_tokens: 2
+            cached_tokens: 2,
+            estimated: false,
         }
     );
     let s = c.stats();

@@ -518,7 +518,7 @@ async fn chat(
             let entry = Entry::from_parts(
                 body.clone(),
                 None,
-                cache::Usage::from_json(&usage.to_json()),
+                usage,
             );
             g.complete(entry, cache_ttl).await;
         }
@@ -1247,11 +1247,7 @@ async fn call_once(
     served.lock().push((model, usage));
     Ok(CallResult {
         completion,
-        usage: vote::Usage {
-            prompt: usage.prompt_tokens,
-            completion: usage.completion_tokens,
-            cached: usage.cached_tokens,
-        },
+        usage,
     })
 }
 

@@ -14,24 +14,7 @@ use super::config::{CompiledCascade, CompiledVote, OnInsufficient, Strategy};
 use super::gates::{completion_text, GateFailure, RequestGates};
 use super::tally::{Status, Tally, ThresholdResult};
 
-/// Token usage of one or more calls.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Prompt tokens.
-    pub prompt: u64,
-    /// Completion tokens.
-    pub completion: u64,
-    /// Cached prompt tokens (subset of `prompt`).
-    pub cached: u64,
-}
-
-impl std::ops::AddAssign for Usage {
-    fn add_assign(&mut self, o: Usage) {
-        self.prompt = self.prompt.saturating_add(o.prompt);
-        self.completion = self.completion.saturating_add(o.completion);
-        self.cached = self.cached.saturating_add(o.cached);
-    }
-}
+pub use crate::usage::Usage;
 
 /// What the closure returns for one finished upstream call.
 #[derive(Debug, Clone, PartialEq)]

@@ -25,9 +25,10 @@ fn ok(content: &str, completion_tokens: u64) -> CallResult {
     CallResult {
         completion: completion(content),
         usage: Usage {
-            prompt: 10,
-            completion: completion_tokens,
-            cached: 2,
+            prompt_tokens: 10,
+            completion_tokens,
+            cached_tokens: 2,
+            estimated: false,
         },
     }
 }
@@ -130,12 +131,13 @@ async fn unanimous_quorum_cancels_two() {
     assert_eq!(
         out.usage,
         Usage {
-            prompt: 30,
-            completion: 6,
-            cached: 6
+            prompt_tokens: 30,
+            completion_tokens: 6,
+            cached_tokens: 6,
+            estimated: false,
         }
     );
-    let per_call: u64 = out.calls.iter().map(|c| c.usage.completion).sum();
+    let per_call: u64 = out.calls.iter().map(|c| c.usage.completion_tokens).sum();
     assert_eq!(per_call, 6);
 }
 
@@ -218,7 +220,7 @@ async fn insufficient_falls_back_to_single_call() {
     assert_eq!(out.calls.len(), 4);
     assert_eq!(out.calls[3].kind, CallKind::Fallback);
     assert_eq!(out.calls[0].state, CallState::Invalid);
-    assert_eq!(out.usage.completion, 1 + 2 + 3 + 4);
+    assert_eq!(out.usage.completion_tokens, 1 + 2 + 3 + 4);
 }
 
 #[tokio::test(start_paused = true)]
@@ -250,7 +252,7 @@ async fn best_of_uses_judge_choice() {
     assert!(user.contains("Candidate 1:\n<<<\nA\n>>>"));
     assert!(user.contains("Candidate 2:\n<<<\nB\n>>>"));
     // Judge usage is included: candidates 1 + 3, judge 4.
-    assert_eq!(out.usage.completion, 8);
+    assert_eq!(out.usage.completion_tokens, 8);
 }
 
 #[tokio::test(start_paused = true)]
@@ -371,7 +373,7 @@ async fn cascade_escalates_on_schema_failure() {
         out.header(),
         "tried=small,large passed=large gate_failed=json_schema"
     );
-    assert_eq!(out.usage.completion, 12);
+    assert_eq!(out.usage.completion_tokens, 12);
     assert_eq!(tried.load(Ordering::SeqCst), 2);
 }
 
@@ -411,7 +413,7 @@ async fn cascade_all_fail_returns_last_answer() {
         out.header(),
         "tried=s,m,l passed=none gate_failed=non_empty,error,refusal"
     );
-    assert_eq!(out.usage.completion, 3);
+    assert_eq!(out.usage.completion_tokens, 3);
 }
 
 #[tokio::test]
