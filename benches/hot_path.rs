@@ -16,7 +16,7 @@ use triage::limits::{
 };
 use triage::route::{choose_tier, tier_candidates, Classification, Health, RuleInput};
 use triage::protocol::openai::chat::parse_chat;
-use triage::server::stream::SseForwarder;
+use triage::gateway::stream::SseForwarder;
 
 /// Counts heap allocations so the report can show what each hot path allocates.
 struct Counting;
@@ -99,7 +99,7 @@ fn bench(c: &mut Criterion) {
     let router = cfg.routers["auto"].clone();
     let chat = parse_chat(&body).unwrap();
     let health = Health::default();
-    let headers = http::HeaderMap::new();
+    let headers = triage::protocol::Headers::new();
     let cls = Classification {
         label: "code".into(),
         confidence: 0.9,

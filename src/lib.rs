@@ -1,7 +1,7 @@
 //! triage: an OpenAI-compatible LLM gateway that classifies each request with
 //! a small in-process model, routes it to a tier of models by rule, and
 //! enforces per-key rate and spend ceilings. The request path is documented
-//! once, in `server/mod.rs`.
+//! once, in `gateway/mod.rs`.
 
 // Request errors are built on the cold path; boxing them would add an
 // allocation to every error for nothing.
@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cache;
 pub mod classify;
 pub mod config;
+pub mod gateway;
 pub mod guard;
 pub mod limits;
 pub mod metrics;
@@ -38,13 +39,13 @@ pub enum StartupError {
 }
 
 /// Builds the gateway state from a validated config.
-pub fn build_state(config: config::Config) -> Result<Arc<server::state::AppState>, StartupError> {
-    Ok(Arc::new(server::state::AppState::new(config)?))
+pub fn build_state(config: config::Config) -> Result<Arc<gateway::state::AppState>, StartupError> {
+    Ok(Arc::new(gateway::state::AppState::new(config)?))
 }
 
 /// Re-reads a config file and swaps it in; on any error the running config stays.
 pub fn reload_from_file(
-    state: &server::state::AppState,
+    state: &gateway::state::AppState,
     path: &std::path::Path,
 ) -> Result<Vec<String>, StartupError> {
     let cfg = config::Config::load(path)?;

@@ -468,7 +468,7 @@ async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> {
 
 /// SIGHUP reloads the config file: a valid one is swapped in atomically, an
 /// invalid one is logged and the running config keeps serving.
-fn spawn_reloader(state: std::sync::Arc<triage::server::state::AppState>, path: PathBuf) {
+fn spawn_reloader(state: std::sync::Arc<triage::gateway::state::AppState>, path: PathBuf) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};

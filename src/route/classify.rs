@@ -4,8 +4,11 @@
 
 use super::Classification;
 use crate::config::{ClassifierKind, InputMode, RouterConfig, UNKNOWN_LABEL};
+use crate::classify::embedded::EmbeddedClassifier;
+use crate::config::ModelConfig;
 use crate::protocol::openai::chat::{content_text, ChatRequest};
-use crate::server::state::{AppState, Runtime};
+use std::collections::HashMap;
+use std::sync::Arc;
 use serde_json::Value;
 use std::borrow::Cow;
 
@@ -92,12 +95,29 @@ fn unknown(failed: bool) -> Classification {
     }
 }
 
-pub async fn classify(
-    app: &AppState,
-    rt: &Runtime,
-    router: &RouterConfig,
-    chat: &ChatRequest,
-) -> Classification {
+/// A small cache of classifier verdicts by prompt hash.
+pub type VerdictCache = moka::sync::Cache<[u8; 32], Classification>;
+
+/// Makes the LLM classifier's one upstream call. The gateway supplies it
+/// (fallback, health and metrics live there): routing decides, it does not
+/// talk to the network.
+#[async_trait::async_trait]
+pub trait LlmCall: Send + Sync {
+    /// Sends a chat-completions `body` to `model`; the deployment that
+    /// answered and its raw body, or `None` on any failure.
+    async fn call(&self, model: &Arc<ModelConfig>, body: bytes::Bytes) -> Option<(Arc<ModelConfig>, bytes::Bytes)>;
+}
+
+/// What a classifier may use besides the request.
+pub struct ClassifyEnv<'a> {
+    pub verdicts: &'a VerdictCache,
+    /// Embedded classifiers by name; `""` is the shipped default.
+    pub embedded: &'a HashMap<String, Arc<EmbeddedClassifier>>,
+    pub models: &'a std::collections::BTreeMap<String, Arc<ModelConfig>>,
+    pub llm: &'a dyn LlmCall,
+}
+
+pub async fn classify(env: &ClassifyEnv<'_>, router: &RouterConfig, chat: &ChatRequest) -> Classification {
     let text = input_text(router.input, chat);
     match &router.classifier {
         ClassifierKind::None => Classification {
@@ -108,13 +128,13 @@ pub async fn classify(
         },
         ClassifierKind::Rules => classify_rules(router, &text),
         ClassifierKind::Embedded(name) => {
-            let Some(model) = rt.classifiers.get(name.as_deref().unwrap_or("")) else {
+            let Some(model) = env.embedded.get(name.as_deref().unwrap_or("")) else {
                 return unknown(true);
             };
             // Long prompts (agents resending a big context) are worth a lookup;
             // short ones classify faster than they hash.
             let key = (text.len() >= LONG_PROMPT).then(|| verdict_key(router, &text));
-            if let Some(c) = key.and_then(|k| app.verdicts.get(&k)) {
+            if let Some(c) = key.and_then(|k| env.verdicts.get(&k)) {
                 return c;
             }
             let p = model.classify(&text);
@@ -128,20 +148,20 @@ pub async fn classify(
                 None => return unknown(true),
             };
             if let Some(k) = key {
-                app.verdicts.insert(k, c.clone());
+                env.verdicts.insert(k, c.clone());
             }
             c
         }
         ClassifierKind::Llm { model, timeout } => {
             // The verdict for the same prompt and label set is reused.
             let key = verdict_key(router, &text);
-            if let Some(mut c) = app.verdicts.get(&key) {
+            if let Some(mut c) = env.verdicts.get(&key) {
                 c.bill = None;
                 return c;
             }
-            let c = classify_llm(app, rt, router, model, *timeout, &text).await;
+            let c = classify_llm(env, router, model, *timeout, &text).await;
             if !c.failed {
-                app.verdicts.insert(key, c.clone());
+                env.verdicts.insert(key, c.clone());
             }
             c
         }
@@ -150,14 +170,13 @@ pub async fn classify(
 
 /// Asks a small model to pick one label, constrained by a JSON schema enum.
 async fn classify_llm(
-    app: &AppState,
-    rt: &Runtime,
+    env: &ClassifyEnv<'_>,
     router: &RouterConfig,
     model: &str,
     timeout: std::time::Duration,
     text: &str,
 ) -> Classification {
-    let Some(m) = rt.config.models.get(model) else {
+    let Some(m) = env.models.get(model) else {
         return unknown(true);
     };
     let labels: Vec<&str> = router.labels.iter().map(String::as_str).collect();
@@ -176,20 +195,8 @@ async fn classify_llm(
             "required": ["label"], "additionalProperties": false}}},
     });
     let bytes = bytes::Bytes::from(body.to_string());
-    let candidates = super::direct_candidates(&rt.config, m);
     let call = async {
-        let d = crate::server::dispatch::dispatch(
-            app,
-            rt,
-            &candidates[..1],
-            "/chat/completions",
-            |_| bytes.clone(),
-            None,
-        )
-        .await
-        .ok()?;
-        let served = d.candidate.model.clone();
-        let body = d.response.collect(1024 * 1024).await.ok()?;
+        let (served, body) = env.llm.call(m, bytes).await?;
         let v: Value = serde_json::from_slice(&body).ok()?;
         let usage = v
             .get("usage")

@@ -106,7 +106,7 @@ pub struct Classification {
 pub struct RuleInput<'a> {
     pub features: &'a RequestFeatures,
     pub key: Option<&'a str>,
-    pub headers: &'a http::HeaderMap,
+    pub headers: &'a crate::protocol::Headers,
 }
 
 /// First matching rule wins; unknown or low-confidence labels go to `unknown_tier`.
@@ -172,7 +172,7 @@ fn matches(w: &Condition, c: &Classification, input: &RuleInput<'_>) -> bool {
         }
     }
     if let Some((name, want)) = &w.header {
-        match (input.headers.get(name), want) {
+        match (input.headers.get(name.as_str()), want) {
             (None, _) => return false,
             (Some(_), None) => {}
             (Some(v), Some(want)) => {

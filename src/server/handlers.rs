@@ -1,29 +1,26 @@
-//! Endpoint handlers. The chat path follows the numbered steps in `server/mod.rs`.
+//! Endpoint handlers, each thin: decode the body → `gateway::…` → encode
+//! the outcome. The request path is documented in `gateway/mod.rs`.
 
 use super::error::ApiError;
-use super::state::{AppState, Runtime};
 use super::RequestId;
-use crate::auth::{presented_key, KeyIdentity};
-use crate::config::{AuthMode, ModelConfig};
+use crate::auth::presented_key;
+use crate::config::AuthMode;
+pub use crate::gateway::Caller;
+use crate::gateway::passthrough::PassRequest;
+use crate::gateway::state::AppState;
+use crate::gateway::{Api, Body as GatewayBody, Outcome, Reply};
+use crate::protocol::openai::chat;
+use crate::protocol::Headers;
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use http::{header, HeaderMap, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// The caller of a `/v1` request (absent only with `auth = "none"`).
-#[derive(Clone, Debug)]
-pub struct Caller(pub Option<Arc<KeyIdentity>>);
-
-impl Caller {
-    pub fn name(&self) -> Option<&str> {
-        self.0.as_ref().map(|k| k.name.as_str())
-    }
-}
 
 pub async fn authenticate(
     State(app): State<Arc<AppState>>,
@@ -177,30 +174,30 @@ pub async fn read_body(
     Ok((parts.headers, bytes, id))
 }
 
-/// What `model` named.
-pub enum Target {
-    Router(Arc<crate::config::RouterConfig>),
-    Model(Arc<ModelConfig>),
-}
-
-/// Step 3: router or model, and may this key use it.
-pub fn resolve(rt: &Runtime, caller: &Caller, model: &str) -> Result<Target, ApiError> {
-    let target = if let Some(r) = rt.config.routers.get(model) {
-        Target::Router(r.clone())
-    } else if let Some(m) = rt.config.models.get(model) {
-        Target::Model(m.clone())
-    } else {
-        return Err(ApiError::model_not_found(model));
+pub async fn chat_completions(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    req: Request,
+) -> Response {
+    let started = std::time::Instant::now();
+    let request_id = request_id(&req);
+    let (headers, bytes, _) = match read_body(&app, req).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
-    if let Some(k) = &caller.0 {
-        if !k.may_use(model) {
-            return Err(ApiError::forbidden(format!(
-                "Key `{}` may not use `{model}`.",
-                k.name
-            )));
-        }
-    }
-    Ok(target)
+    let chat = match chat::parse_chat(&bytes) {
+        Ok(c) => c,
+        Err(e) => return refused(&app, &caller, started, e.into()),
+    };
+    let req = crate::gateway::Request {
+        api: Api::Chat,
+        chat,
+        caller,
+        headers: header_facts(&headers),
+        request_id,
+        started,
+    };
+    encode(crate::gateway::chat(&app, req).await)
 }
 
 pub async fn completions(
@@ -208,10 +205,7 @@ pub async fn completions(
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    let rid = request_id(&req);
-    super::chat::passthrough(&app, &caller, req, "/completions", true, &rid)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    passthrough(app, caller, req, Api::Completions).await
 }
 
 pub async fn embeddings(
@@ -219,10 +213,87 @@ pub async fn embeddings(
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    let rid = request_id(&req);
-    super::chat::passthrough(&app, &caller, req, "/embeddings", false, &rid)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    passthrough(app, caller, req, Api::Embeddings).await
+}
+
+async fn passthrough(app: Arc<AppState>, caller: Caller, req: Request, api: Api) -> Response {
+    let started = std::time::Instant::now();
+    let request_id = request_id(&req);
+    let decoded = async {
+        let (_, bytes, _) = read_body(&app, req).await?;
+        let body = chat::parse_object(&bytes)?;
+        let model = chat::model_field(&body)?;
+        Ok::<_, ApiError>((body, model))
+    };
+    let (body, model) = match decoded.await {
+        Ok(d) => d,
+        Err(e) => return e.into_response(),
+    };
+    let req = PassRequest {
+        api,
+        body,
+        model,
+        caller,
+        request_id,
+        started,
+    };
+    encode(crate::gateway::passthrough(&app, req).await)
+}
+
+/// A chat request refused before it reached the gateway still counts.
+fn refused(app: &Arc<AppState>, caller: &Caller, started: std::time::Instant, e: ApiError) -> Response {
+    let facts = crate::gateway::Facts {
+        key: caller.name().map(str::to_string),
+        ..Default::default()
+    };
+    encode(crate::gateway::finish(app, Api::Chat, started, Err(e), facts))
+}
+
+/// The header facts the pipeline reads, as plain data.
+fn header_facts(h: &HeaderMap) -> Headers {
+    let mut out = Headers::new();
+    for (k, v) in h {
+        if let Ok(v) = v.to_str() {
+            out.push(k.as_str(), v);
+        }
+    }
+    out
+}
+
+/// The gateway's reply as an HTTP response, with its log facts attached.
+fn encode(reply: Reply) -> Response {
+    let Reply { result, facts } = reply;
+    let mut resp = match result {
+        Ok(o) => outcome_response(o),
+        Err(e) => e.into_response(),
+    };
+    resp.extensions_mut().insert(facts);
+    resp
+}
+
+fn outcome_response(o: Outcome) -> Response {
+    let mut r = match o.body {
+        GatewayBody::Json(b) => {
+            let mut r = Response::new(Body::from(b));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        GatewayBody::Stream(s) => {
+            let mut r = Response::new(Body::from_stream(s));
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            r
+        }
+    };
+    for (k, v) in o.headers {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            r.headers_mut().append(HeaderName::from_static(k), v);
+        }
+    }
+    r
 }
 
 fn request_id(req: &Request) -> Arc<str> {

@@ -1,41 +1,9 @@
-//! The HTTP server and the request path. One request travels, in order:
-//!
-//! 1. **Connection** (`serve`): hyper HTTP/1.1 + HTTP/2; a request head must
-//!    arrive within `server.header_read_timeout` (slowloris) and fit in
-//!    `server.max_header_bytes`; on SIGTERM the listener closes and open
-//!    requests and streams drain for up to `server.shutdown_grace`.
-//! 2. **Access layer** (`access_log`): adopts the client's `x-request-id` or
-//!    makes one, echoes it on the response, counts the request in flight, and
-//!    writes one log line per request with status, latency, key and route.
-//! 3. **Panic guard** (`CatchPanicLayer`): a bug becomes a 500 envelope, never
-//!    a dropped connection.
-//! 4. **Router**: `/healthz`, `/readyz`, `/metrics` are open; everything under
-//!    `/v1` first passes **authentication** (`authenticate`: virtual key → 401).
-//!    Unknown paths get a 404 envelope, wrong methods a 405 envelope.
-//! 5. **Chat handler** (`chat::chat_completions`), step by step:
-//!    1. read the body, bounded by `server.max_body_bytes` (413);
-//!    2. parse the typed fields once, keep the rest verbatim (400 names the field);
-//!    3. resolve `model` to a router or a model, check the key may use it (404/403);
-//!    4. agent guards: session ceilings and tool-call loop detection (429/422);
-//!    5. classify (routers only) and pick a tier by rule → `RouteDecision`
-//!       (an LLM classifier costs a call, so its router is admitted — step 7 —
-//!       at its dearest route before classifying);
-//!    6. cache lookup, single-flight for identical concurrent misses (a hit
-//!       still passes step 7 with nothing to reserve, then is answered);
-//!    7. one admission: rpm, tpm on the prompt estimate, max_parallel, and the
-//!       worst-case cost reserved against the key's and team's budget (429);
-//!    8. execute: one call with fallback across deployments (retries only
-//!       before the first byte reaches the client), or a vote, or a cascade;
-//!    9. respond: JSON, or SSE forwarded chunk by chunk as it arrives;
-//!    10. when the response ends (or the client leaves): settle spend and
-//!        tokens, record metrics, fill the cache if the answer was complete.
+//! The HTTP edge: hyper and axum, the access log, authentication, and one
+//! thin handler per endpoint (decode → `gateway` → encode). The request path
+//! is documented step by step in `gateway/mod.rs`.
 
-pub mod chat;
-pub mod dispatch;
 pub mod error;
 pub mod handlers;
-pub mod state;
-pub mod stream;
 
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
@@ -46,7 +14,7 @@ use error::ApiError;
 use http::HeaderValue;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use state::AppState;
+use crate::gateway::state::AppState;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,21 +25,12 @@ use tokio::net::TcpListener;
 pub struct RequestId(pub Arc<str>);
 
 /// Facts a handler leaves on its response for the access log.
-#[derive(Clone, Debug, Default)]
-pub struct LogFacts {
-    pub key: Option<String>,
-    pub router: Option<String>,
-    pub upstream_wait: std::time::Duration,
-    /// The request's metrics were already recorded (by its settlement).
-    pub metered: bool,
-    pub route: Option<String>,
-    pub cache: Option<&'static str>,
-}
+pub use crate::gateway::Facts as LogFacts;
 
 /// Builds the whole application: the numbered stack above.
 pub fn app(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
-        .route("/chat/completions", post(chat::chat_completions))
+        .route("/chat/completions", post(handlers::chat_completions))
         .route("/completions", post(handlers::completions))
         .route("/embeddings", post(handlers::embeddings))
         .route("/models", get(handlers::list_models))

@@ -241,6 +241,154 @@ pub fn content_text(m: &Value) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
+
+/// How the upstream body treats streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamMode {
+    /// As the client sent it.
+    Keep,
+    /// Streamed, and usage always requested (the gateway bills from it).
+    ForceUsage,
+    /// Not streamed: `stream` and `stream_options` are left out.
+    Strip,
+}
+
+/// Fields that describe the conversation's tools and format; dropped when
+/// the conversation is replaced (a judge's prompt).
+const CONVERSATION_FIELDS: &[&str] = &[
+    "tools",
+    "tool_choice",
+    "response_format",
+    "functions",
+    "function_call",
+    "n",
+];
+
+/// The one builder of upstream bodies: the client's fields verbatim, with the
+/// deployment's model name and the few changes a call asks for. Serialised
+/// straight from the parsed request, without copying it.
+pub struct UpstreamBody<'a> {
+    pub body: &'a Map<String, Value>,
+    pub model: &'a str,
+    pub stream: StreamMode,
+    /// Overrides the request's temperature (a voter's sampling).
+    pub temperature: Option<f64>,
+    /// Replaces the conversation.
+    pub messages: Option<&'a [Value]>,
+}
+
+impl<'a> UpstreamBody<'a> {
+    pub fn new(body: &'a Map<String, Value>, model: &'a str, stream: StreamMode) -> Self {
+        UpstreamBody {
+            body,
+            model,
+            stream,
+            temperature: None,
+            messages: None,
+        }
+    }
+
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        bytes::Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    fn skips(&self, k: &str) -> bool {
+        (self.stream == StreamMode::Strip && matches!(k, "stream" | "stream_options"))
+            || (self.temperature.is_some() && k == "temperature")
+            || (self.messages.is_some() && CONVERSATION_FIELDS.contains(&k))
+    }
+}
+
+impl serde::Serialize for UpstreamBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let force_usage = self.stream == StreamMode::ForceUsage;
+        let mut map = s.serialize_map(None)?;
+        let mut saw_options = false;
+        for (k, v) in self.body {
+            match k.as_str() {
+                k if self.skips(k) => {}
+                "model" => map.serialize_entry(k, self.model)?,
+                "messages" if self.messages.is_some() => {
+                    map.serialize_entry(k, &self.messages)?
+                }
+                "stream_options" if force_usage => {
+                    saw_options = true;
+                    let mut o = v.as_object().cloned().unwrap_or_default();
+                    o.insert("include_usage".into(), Value::Bool(true));
+                    map.serialize_entry(k, &o)?;
+                }
+                _ => map.serialize_entry(k, v)?,
+            }
+        }
+        if !self.body.contains_key("model") {
+            map.serialize_entry("model", self.model)?;
+        }
+        if force_usage && !saw_options {
+            map.serialize_entry("stream_options", &serde_json::json!({"include_usage": true}))?;
+        }
+        if let Some(n) = self.temperature.and_then(serde_json::Number::from_f64) {
+            map.serialize_entry("temperature", &n)?;
+        }
+        map.end()
+    }
+}
+
+/// Usage of a non-streamed chat completion; `None` if the body is not one.
+pub fn completion_usage(body: &[u8]) -> Option<crate::usage::Usage> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[allow(dead_code)]
+        choices: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        usage: Option<Value>,
+    }
+    let p: Peek = serde_json::from_slice(body).ok()?;
+    Some(
+        p.usage
+            .as_ref()
+            .and_then(crate::usage::Usage::from_json)
+            .unwrap_or_default(),
+    )
+}
+
+/// Prompt-token estimate of a `/v1/completions` (`prompt`) or
+/// `/v1/embeddings` (`input`) body.
+pub fn passthrough_prompt_tokens(body: &Map<String, Value>) -> u64 {
+    fn count(v: &Value) -> u64 {
+        match v {
+            Value::String(s) => estimate_tokens(s),
+            Value::Array(items) => items.iter().map(count).sum(),
+            // Token ids: one each.
+            Value::Number(_) => 1,
+            _ => 0,
+        }
+    }
+    body.get("prompt")
+        .or_else(|| body.get("input"))
+        .map(count)
+        .unwrap_or(0)
+}
+
+/// The text of the messages with `role`s matching `pick`, in order.
+pub fn texts_by_role<'a>(
+    chat: &'a ChatRequest,
+    pick: impl Fn(&str) -> bool + 'a,
+) -> impl DoubleEndedIterator<Item = (&'a str, std::borrow::Cow<'a, str>)> + 'a {
+    let msgs: &'a [Value] = match chat.body.get("messages") {
+        Some(Value::Array(m)) => m,
+        _ => &[],
+    };
+    msgs.iter().filter_map(move |m| {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        if pick(role) {
+            content_text(m).map(|t| (role, t))
+        } else {
+            None
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +441,24 @@ mod tests {
             };
             assert_eq!(e.field.as_deref().unwrap_or(""), *param);
         }
+    }
+
+    #[test]
+    fn upstream_body_sets_the_model_and_forces_usage_on_streams() {
+        let r = parse_chat(br#"{"model":"auto","messages":[{"role":"user","content":"hi"}],"stream":true,"temperature":1}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = UpstreamBody::new(&r.body, "gpt-x", StreamMode::ForceUsage).to_bytes();
+        let v: Value = serde_json::from_slice(&b).unwrap_or_default();
+        assert_eq!(v["model"], "gpt-x");
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let judge = [serde_json::json!({"role": "user", "content": "judge"})];
+        let mut b = UpstreamBody::new(&r.body, "m", StreamMode::Strip);
+        b.temperature = Some(0.5);
+        b.messages = Some(&judge);
+        let v: Value = serde_json::from_slice(&b.to_bytes()).unwrap_or_default();
+        assert!(v.get("stream").is_none() && v.get("stream_options").is_none());
+        assert_eq!(v["temperature"], 0.5);
+        assert_eq!(v["messages"][0]["content"], "judge");
     }
 
     proptest! {

@@ -1,16 +1,26 @@
-//! Step 8 of the request path: send a request to the first deployment that
-//! takes it. Retries and fallbacks happen only here, before anything has
-//! been sent to the client, so they can never duplicate output.
+//! Step 6, one call: send the request to the first deployment that takes
+//! it. Retries and fallbacks happen only here, before anything has been sent
+//! to the client, so they can never duplicate output. Then step 7: answer
+//! with the JSON body, or forward the stream as it arrives.
 
-use super::error::ApiError;
+use super::cache::label;
+use super::meter::Bill;
+use super::stream::{SseForwarder, StreamEnd};
 use super::state::{AppState, Runtime};
+use super::{Body, Exec, Facts, GatewayError as ApiError, Outcome, MAX_UPSTREAM_BODY};
+use crate::cache::Entry;
 use crate::config::ModelConfig;
-use crate::metrics::{UpstreamErrorKind, UpstreamOutcome};
+use crate::metrics::{CacheOutcome, UpstreamErrorKind, UpstreamOutcome};
+use crate::protocol::openai::chat::{completion_usage, ChatRequest, StreamMode, UpstreamBody};
 use crate::route::{Admit, Candidate};
 use crate::upstream::{UpstreamError, UpstreamResponse};
+use crate::usage::Usage;
 use bytes::Bytes;
-use http::{header, HeaderValue, StatusCode};
+use http::StatusCode;
+use parking_lot::Mutex;
+use serde_json::Value;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// A response whose head came from a deployment that accepted the request.
 pub struct Dispatched {
@@ -85,7 +95,7 @@ pub async fn dispatch(
                     tracing::warn!(model = %m.name, status = status.as_u16(), attempt, "provider refused; trying the next deployment");
                     let (e, kind) = if status == StatusCode::TOO_MANY_REQUESTS {
                         let mut e = ApiError::new(
-                            status,
+                            status.as_u16(),
                             "rate_limit_error",
                             Some("rate_limit_exceeded"),
                             format!("Provider for `{}` is rate limiting.", m.name),
@@ -116,7 +126,7 @@ pub async fn dispatch(
                     );
                     let body = resp.collect(1024 * 1024).await.unwrap_or_default();
                     let mut e =
-                        ApiError::new(status, "invalid_request_error", None, "upstream error");
+                        ApiError::new(status.as_u16(), "invalid_request_error", None, "upstream error");
                     e.raw = Some(body);
                     return Err(e);
                 }
@@ -139,9 +149,7 @@ pub async fn dispatch(
             }
             let mut err = err;
             if let Some(ra) = retry_after {
-                if let Ok(v) = HeaderValue::from_str(&ra.as_secs().to_string()) {
-                    err = err.with_header(header::RETRY_AFTER, v);
-                }
+                err = err.with_retry_after(ra.as_secs());
             }
             last_error = Some(err);
             if app.health.admit_peek_cooling(&m.name) {
@@ -180,5 +188,188 @@ fn upstream_error(model: &str, e: &UpstreamError) -> ApiError {
             ApiError::gateway_timeout(format!("Provider for `{model}` timed out ({phase})."))
         }
         _ => ApiError::bad_gateway(format!("Provider for `{model}` failed: {e}")),
+    }
+}
+
+/// Step 6 for a single call (with fallback), and step 7.
+pub async fn call(x: Exec<'_>, facts: &mut Facts) -> Result<Outcome, ApiError> {
+    let Exec {
+        app,
+        rt,
+        req,
+        plan,
+        mut meter,
+        bill,
+        mut headers,
+        fill,
+        cache,
+        ttl,
+    } = x;
+    let chat = &req.chat;
+    let mode = if chat.stream { StreamMode::ForceUsage } else { StreamMode::Keep };
+    let mut decision = plan.decision;
+    let dispatched = dispatch(
+        app,
+        rt,
+        &plan.candidates,
+        "/chat/completions",
+        |m| UpstreamBody::new(&chat.body, &m.upstream_model, mode).to_bytes(),
+        decision.tier.as_deref(),
+    )
+    .instrument(tracing::info_span!("upstream", tier = decision.tier.as_deref().unwrap_or("-")))
+    .await;
+    let d = match dispatched {
+        Ok(d) => d,
+        Err(e) => {
+            meter.finish(e.status, &bill, None);
+            return Err(e);
+        }
+    };
+    facts.upstream_wait = d.upstream_wait;
+    decision.model = d.candidate.model.name.clone();
+    if let Some(t) = &d.candidate.tier {
+        decision.tier = Some(t.name.clone());
+    }
+    decision.fell_back_from = d.fell_back_from;
+    decision.skipped = d.skipped;
+    meter.routed(&decision, d.upstream_wait);
+    tracing::debug!(request_id = %req.request_id, model = %decision.model, "routed");
+    if cache != CacheOutcome::None {
+        headers.push(("x-triage-cache", label(cache).into()));
+    }
+    let answer = Answer {
+        app,
+        chat,
+        model: d.candidate.model.clone(),
+        meter,
+        bill,
+        fill,
+        ttl,
+        started: req.started,
+    };
+    let body = if chat.stream {
+        answer.stream(d.response)
+    } else {
+        answer.json(d.response).await?
+    };
+    Ok(Outcome {
+        body,
+        decision,
+        headers,
+    })
+}
+
+/// A dispatched call's answer, settled when it ends.
+struct Answer<'a> {
+    app: &'a AppState,
+    chat: &'a ChatRequest,
+    model: std::sync::Arc<ModelConfig>,
+    meter: super::meter::Meter,
+    bill: Bill,
+    fill: Option<crate::cache::FillGuard>,
+    ttl: Option<Duration>,
+    started: Instant,
+}
+
+impl Answer<'_> {
+    fn stream(self, response: UpstreamResponse) -> Body {
+        let Answer {
+            app,
+            chat,
+            model,
+            meter,
+            bill,
+            fill,
+            ttl,
+            started,
+        } = self;
+        let record = fill.as_ref().and_then(|_| {
+            let cache = app.cache.load();
+            cache
+                .as_ref()
+                .as_ref()
+                .map(|c| c.config().max_entry_bytes as usize)
+        });
+        let fill_cell = Mutex::new(fill);
+        let on_end = Box::new(move |end: StreamEnd| {
+            let mut bill = bill;
+            bill.add(&model, end.usage);
+            meter.finish(200, &bill, end.first_byte);
+            if let (Some(g), Some(chunks)) = (fill_cell.lock().take(), end.chunks) {
+                match Entry::from_chunk_bytes(chunks) {
+                    Ok(entry) => {
+                        tokio::spawn(async move {
+                            g.complete(entry, ttl).await;
+                        });
+                    }
+                    Err(e) => tracing::debug!(error = %e, "stream not cacheable"),
+                }
+            }
+        });
+        let fwd = SseForwarder::new(
+            response.body,
+            !chat.client_wants_usage,
+            chat.features.prompt_tokens,
+            record,
+            started,
+            on_end,
+        );
+        Body::Stream(Box::pin(fwd))
+    }
+
+    async fn json(self, response: UpstreamResponse) -> Result<Body, ApiError> {
+        let Answer {
+            chat,
+            model,
+            meter,
+            mut bill,
+            fill,
+            ttl,
+            ..
+        } = self;
+        let body = match response.collect(MAX_UPSTREAM_BODY).await {
+            Ok(b) => b,
+            Err(e) => {
+                meter.finish(502, &bill, None);
+                return Err(ApiError::bad_gateway(format!(
+                    "Provider for `{}` broke the response: {e}",
+                    model.name
+                )));
+            }
+        };
+        let Some(usage) = completion_usage(&body) else {
+            meter.finish(502, &bill, None);
+            return Err(ApiError::bad_gateway(format!(
+                "Provider for `{}` returned a body that is not a chat completion.",
+                model.name
+            )));
+        };
+        let usage = if usage == Usage::default() {
+            // The provider reported nothing: estimate, and say so in the ledger.
+            estimate_usage(chat, &body)
+        } else {
+            usage
+        };
+        bill.add(&model, usage);
+        meter.finish(200, &bill, None);
+        if let Some(g) = fill {
+            g.complete(Entry::from_parts(body.clone(), None, usage), ttl)
+                .await;
+        }
+        Ok(Body::Json(body))
+    }
+}
+
+fn estimate_usage(chat: &ChatRequest, body: &[u8]) -> Usage {
+    let completion = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| crate::vote::completion_text(&v))
+        .map(|t| crate::usage::estimate_tokens(&t))
+        .unwrap_or(0);
+    Usage {
+        prompt_tokens: chat.features.prompt_tokens,
+        completion_tokens: completion,
+        cached_tokens: 0,
+        estimated: true,
     }
 }

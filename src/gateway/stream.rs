@@ -3,7 +3,6 @@
 //! chunks (cache fill), and when the stream ends — normally, broken, or
 //! because the client went away — reports the outcome exactly once.
 
-use super::error::ApiError;
 use crate::protocol::sse::{SseEvent, SseParser, DONE_FRAME};
 use crate::upstream::BodyStream;
 use crate::usage::{estimate_tokens, Usage};
@@ -188,8 +187,8 @@ impl SseForwarder {
 
     fn fail(&mut self, message: String) {
         tracing::warn!(error = %message, "upstream stream broke");
-        let err = ApiError::bad_gateway(message.clone());
-        self.out.extend_from_slice(&err.sse_event());
+        let event = crate::protocol::openai::error::sse_event(&message, "api_error", Some("upstream_error"));
+        self.out.extend_from_slice(&event);
         self.upstream_error = Some(message);
         self.ended = true;
     }

@@ -1,0 +1,54 @@
+//! Step 5: one admission for rate limits and the spend reservation.
+
+use super::state::AppState;
+use super::{Caller, GatewayError};
+use crate::limits::{self, Admission, AdmitError, AdmitRequest};
+use crate::metrics::LimitKind;
+
+/// Admits the request (or refuses with 429/503); rate-limit headers for the
+/// response go into `headers`. `None` when the caller has no limits.
+pub fn admit(
+    app: &AppState,
+    caller: &Caller,
+    est_tokens: u64,
+    reserve: u64,
+    headers: &mut Vec<(&'static str, String)>,
+) -> Result<Option<Admission>, GatewayError> {
+    let Some(key) = caller.name() else {
+        return Ok(None);
+    };
+    match app.limiter.admit(&AdmitRequest {
+        key,
+        est_tokens,
+        reserve_nanos: reserve,
+    }) {
+        Ok(a) => {
+            headers.extend(a.rate_headers());
+            Ok(Some(a))
+        }
+        Err(AdmitError::UnknownKey(_)) => Ok(None),
+        Err(AdmitError::Unavailable(msg)) => {
+            tracing::debug!(
+                key,
+                "refused: the shared limit store is unavailable (fail_closed)"
+            );
+            Err(GatewayError::store_unavailable(msg))
+        }
+        Err(AdmitError::Refused(r)) => {
+            let kind = match r.kind {
+                limits::RefusalKind::Rpm => LimitKind::Rpm,
+                limits::RefusalKind::Tpm => LimitKind::Tpm,
+                limits::RefusalKind::Parallel => LimitKind::Parallel,
+                limits::RefusalKind::Budget => LimitKind::Budget,
+            };
+            app.metrics.record_refusal(key, kind);
+            let (kind, code) = match r.kind {
+                limits::RefusalKind::Budget => ("insufficient_quota", "insufficient_quota"),
+                _ => ("rate_limit_error", "rate_limit_exceeded"),
+            };
+            let mut e = GatewayError::new(429, kind, Some(code), r.message());
+            e.headers.extend(r.rate_headers());
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Step 8: when a response ends (or the client leaves), settle spend and
+//! tokens, record metrics, and charge the agent sessions.
+
+use super::plan::Plan;
+use super::state::AppState;
+use super::Caller;
+use crate::config::ModelConfig;
+use crate::guard::{Guard, SessionKey};
+use crate::limits::{self, Admission, Settlement};
+use crate::metrics::{CacheOutcome, RequestRecord, UsageRecord};
+use crate::route::RouteDecision;
+use crate::usage::Usage;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Spend and tokens of one finished request, per model actually billed.
+#[derive(Default)]
+pub struct Bill {
+    /// (model, usage, cost) per upstream call that produced tokens.
+    lines: Vec<(Arc<ModelConfig>, Usage, u64)>,
+}
+
+impl Bill {
+    pub fn add(&mut self, model: &Arc<ModelConfig>, usage: Usage) {
+        let cost = cost_of(model, &usage);
+        self.lines.push((model.clone(), usage, cost));
+    }
+
+    pub fn usage(&self) -> Usage {
+        let mut u = Usage::default();
+        for (_, l, _) in &self.lines {
+            u.add(l);
+        }
+        u
+    }
+
+    pub fn cost(&self) -> u64 {
+        self.lines.iter().map(|(_, _, c)| *c).sum()
+    }
+}
+
+pub fn price_of(m: &ModelConfig) -> limits::Price {
+    limits::Price {
+        input_per_mtok: m.price.input,
+        cached_input_per_mtok: m.price.cached_input,
+        output_per_mtok: m.price.output,
+    }
+}
+
+pub fn cost_of(m: &ModelConfig, u: &Usage) -> u64 {
+    limits::cost_nanos(
+        u.prompt_tokens,
+        u.cached_tokens,
+        u.completion_tokens,
+        &price_of(m),
+    )
+}
+
+/// Everything a `Meter` is built from, once the request is admitted.
+pub struct MeterInit<'a> {
+    pub app: &'a Arc<AppState>,
+    pub caller: &'a Caller,
+    pub plan: &'a Plan,
+    pub request_id: &'a Arc<str>,
+    pub started: Instant,
+    pub stream: bool,
+    pub cache: CacheOutcome,
+    pub admission: Option<Admission>,
+    pub sessions: Vec<(Arc<Guard>, SessionKey)>,
+    /// Prompt tokens that go upstream per call (`None`: nothing does, a cache hit).
+    pub prompt_tokens: Option<u64>,
+}
+
+/// Settles one request exactly once: by `finish`, or on drop when the client
+/// left before the response ended.
+pub struct Meter {
+    app: Arc<AppState>,
+    key: Option<String>,
+    router: String,
+    label: String,
+    tier: String,
+    model: String,
+    admission: Option<Admission>,
+    sessions: Vec<(Arc<Guard>, SessionKey)>,
+    started: Instant,
+    upstream_wait: Duration,
+    stream: bool,
+    cache: CacheOutcome,
+    request_id: Arc<str>,
+    /// Charged when the client leaves before the response ends: the prompt
+    /// already went upstream, and the provider bills it.
+    abandoned: Option<(Arc<ModelConfig>, Usage)>,
+    finished: bool,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut bill = Bill::default();
+        if let Some((m, u)) = self.abandoned.take() {
+            bill.add(&m, u);
+        }
+        tracing::info!(request_id = %self.request_id, "client left before the response ended; settling the prompt");
+        self.settle(499, &bill, None);
+    }
+}
+
+impl Meter {
+    pub fn new(i: MeterInit<'_>) -> Meter {
+        let calls = i.plan.vote.as_ref().map_or(1, |v| v.cfg.n);
+        let abandoned = i.prompt_tokens.and_then(|prompt| {
+            let m = i.plan.candidates.first()?;
+            let u = Usage {
+                prompt_tokens: prompt.saturating_mul(u64::from(calls.max(1))),
+                completion_tokens: 0,
+                cached_tokens: 0,
+                estimated: true,
+            };
+            Some((m.model.clone(), u))
+        });
+        let d = &i.plan.decision;
+        Meter {
+            app: i.app.clone(),
+            key: i.caller.name().map(str::to_string),
+            router: d.router.clone().unwrap_or_default(),
+            label: d.label.clone().unwrap_or_default(),
+            tier: d.tier.clone().unwrap_or_default(),
+            model: String::new(),
+            admission: i.admission,
+            sessions: i.sessions,
+            started: i.started,
+            upstream_wait: Duration::ZERO,
+            stream: i.stream,
+            cache: i.cache,
+            request_id: i.request_id.clone(),
+            abandoned,
+            finished: false,
+        }
+    }
+
+    /// Where the request finally went (after fallback, vote or cascade).
+    pub fn routed(&mut self, decision: &RouteDecision, upstream_wait: Duration) {
+        self.model = decision.model.clone();
+        if let Some(t) = &decision.tier {
+            self.tier = t.clone();
+        }
+        self.upstream_wait = upstream_wait;
+    }
+
+    /// Settles spend and tokens, records metrics, updates the sessions.
+    pub fn finish(mut self, status: u16, bill: &Bill, first_byte: Option<Duration>) {
+        self.settle(status, bill, first_byte);
+    }
+
+    fn settle(&mut self, status: u16, bill: &Bill, first_byte: Option<Duration>) {
+        self.finished = true;
+        let usage = bill.usage();
+        let cost = bill.cost();
+        if let Some(adm) = self.admission.take() {
+            let out = adm.settle(&Settlement {
+                model: &self.model,
+                request_id: &self.request_id,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                cached_tokens: usage.cached_tokens,
+                cost_nanos: cost,
+                estimated: usage.estimated,
+            });
+            if out.overrun_nanos > 0 {
+                tracing::warn!(request_id = %self.request_id, overrun_nanos = out.overrun_nanos, "request cost more than its reservation");
+            }
+        }
+        self.record(status, bill, first_byte);
+        if !self.sessions.is_empty() {
+            let sessions = std::mem::take(&mut self.sessions);
+            let tokens = usage.total();
+            // A settled session may have crossed a ceiling: the next request
+            // is refused by the guard's check.
+            tokio::spawn(async move {
+                for (g, sk) in sessions {
+                    g.record(Some(&sk), tokens, cost, SystemTime::now()).await;
+                }
+            });
+        }
+    }
+
+    fn record(&self, status: u16, bill: &Bill, first_byte: Option<Duration>) {
+        let m = &self.app.metrics;
+        let key = self.key.as_deref().unwrap_or("");
+        m.record_request(&RequestRecord {
+            router: &self.router,
+            label: &self.label,
+            tier: &self.tier,
+            model: &self.model,
+            key,
+            status,
+            cache: self.cache,
+            stream: self.stream,
+            duration: self.started.elapsed(),
+            upstream_wait: self.upstream_wait,
+            ttft: if self.stream { first_byte } else { None },
+        });
+        for (model, u, c) in &bill.lines {
+            m.record_usage(&UsageRecord {
+                key,
+                model: &model.name,
+                tier: &self.tier,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                cached_tokens: u.cached_tokens,
+                cost_nanos: *c,
+            });
+        }
+    }
+}
