@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use triage::classify::embedded::EmbeddedClassifier;
 use triage::config::Config;
+use triage::gateway::stream::SseForwarder;
 use triage::limits::{
     AdmitRequest, Clock, KeySpec, LimitSpec, LimitSpecs, Limiter, Period, Settlement,
 };
-use triage::route::{choose_tier, tier_candidates, Classification, Health, RuleInput};
 use triage::protocol::openai::chat::parse_chat;
-use triage::gateway::stream::SseForwarder;
+use triage::route::{choose_tier, tier_candidates, Classification, Health, RuleInput};
 
 /// Counts heap allocations so the report can show what each hot path allocates.
 struct Counting;

@@ -35,7 +35,11 @@ impl Usage {
     /// cached answer stored is shown back, not trusted for billing).
     pub fn from_json_lenient(v: &serde_json::Value) -> Usage {
         Usage::from_json(v).unwrap_or_else(|| {
-            let n = |p: &str| v.pointer(p).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            let n = |p: &str| {
+                v.pointer(p)
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            };
             Usage {
                 prompt_tokens: n("/prompt_tokens"),
                 completion_tokens: n("/completion_tokens"),

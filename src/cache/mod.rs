@@ -19,7 +19,9 @@ mod key;
 mod policy;
 mod shared;
 
-pub use crate::protocol::openai::chunks::{assemble_completion, completion_to_chunks, refresh_ids, DEFAULT_CHUNK_CHARS};
+pub use crate::protocol::openai::chunks::{
+    assemble_completion, completion_to_chunks, refresh_ids, DEFAULT_CHUNK_CHARS,
+};
 pub use key::{cache_key, cache_key_with, CacheKey, IGNORED_FIELDS};
 pub use policy::{cache_mode, CacheControl, CacheMode};
 pub use shared::{decode as decode_shared, encode as encode_shared, SharedTier};

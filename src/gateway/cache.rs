@@ -146,7 +146,13 @@ pub fn serve_hit(h: Hit<'_>, facts: &mut Facts) -> Result<Outcome, GatewayError>
     let chat = &req.chat;
     let admission = match early {
         Some(a) => a,
-        None => admit(app, &req.caller, chat.features.prompt_tokens, 0, &mut headers)?,
+        None => admit(
+            app,
+            &req.caller,
+            chat.features.prompt_tokens,
+            0,
+            &mut headers,
+        )?,
     };
     facts.cache = Some("hit");
     let meter = Meter::new(MeterInit {
@@ -168,15 +174,23 @@ pub fn serve_hit(h: Hit<'_>, facts: &mut Facts) -> Result<Outcome, GatewayError>
     }
     headers.push(("x-triage-cache", "hit".into()));
     let id = format!("chatcmpl-{}", &req.request_id.replace("req-", ""));
-    let unreadable = |e: cache::CacheError| GatewayError::internal(format!("cached answer unreadable: {e}"));
+    let unreadable =
+        |e: cache::CacheError| GatewayError::internal(format!("cached answer unreadable: {e}"));
     let body = if chat.stream {
         let chunks = entry
-            .replay_chunks(&id, now_secs(), cache::DEFAULT_CHUNK_CHARS, chat.client_wants_usage)
+            .replay_chunks(
+                &id,
+                now_secs(),
+                cache::DEFAULT_CHUNK_CHARS,
+                chat.client_wants_usage,
+            )
             .map_err(unreadable)?;
         meter.finish(200, &Bill::default(), Some(req.started.elapsed()));
         replay(chunks.iter().map(|c| frame(c)))
     } else {
-        let body = entry.replay_completion(&id, now_secs()).map_err(unreadable)?;
+        let body = entry
+            .replay_completion(&id, now_secs())
+            .map_err(unreadable)?;
         meter.finish(200, &Bill::default(), None);
         Body::Json(body)
     };

@@ -62,11 +62,21 @@ impl GatewayError {
     }
 
     pub fn invalid_key(message: impl Into<String>) -> Self {
-        Self::new(401, "invalid_request_error", Some("invalid_api_key"), message)
+        Self::new(
+            401,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            message,
+        )
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(403, "invalid_request_error", Some("model_not_allowed"), message)
+        Self::new(
+            403,
+            "invalid_request_error",
+            Some("model_not_allowed"),
+            message,
+        )
     }
 
     pub fn model_not_found(model: &str) -> Self {
@@ -80,7 +90,12 @@ impl GatewayError {
     }
 
     pub fn not_found() -> Self {
-        Self::new(404, "invalid_request_error", Some("not_found"), "Unknown endpoint.")
+        Self::new(
+            404,
+            "invalid_request_error",
+            Some("not_found"),
+            "Unknown endpoint.",
+        )
     }
 
     pub fn method_not_allowed() -> Self {

@@ -263,7 +263,13 @@ async fn run_chat(
         Some(a) => a,
         None => {
             let reserve = plan::reservation(&rt, chat, &plan);
-            admit::admit(app, &req.caller, chat.features.prompt_tokens, reserve, &mut headers)?
+            admit::admit(
+                app,
+                &req.caller,
+                chat.features.prompt_tokens,
+                reserve,
+                &mut headers,
+            )?
         }
     };
     let meter = meter::Meter::new(meter::MeterInit {
@@ -329,6 +335,12 @@ fn admit_before_classifying(
         return Ok(None);
     }
     let reserve = plan::router_worst_case(app, rt, &req.chat, r);
-    let a = admit::admit(app, &req.caller, req.chat.features.prompt_tokens, reserve, headers)?;
+    let a = admit::admit(
+        app,
+        &req.caller,
+        req.chat.features.prompt_tokens,
+        reserve,
+        headers,
+    )?;
     Ok(Some(a))
 }

@@ -152,7 +152,13 @@ pub async fn run_vote(
         .or_else(|| plan.candidates.first().map(|c| c.model.name.clone()))
         .unwrap_or_default();
     Ok(run
-        .answer(chat, &o.completion, decision, ("x-triage-vote", o.header()), true)
+        .answer(
+            chat,
+            &o.completion,
+            decision,
+            ("x-triage-vote", o.header()),
+            true,
+        )
         .await)
 }
 
@@ -276,10 +282,7 @@ async fn call_once(
         .and_then(Usage::from_json)
         .unwrap_or_default();
     served.lock().push((model, usage));
-    Ok(CallResult {
-        completion,
-        usage,
-    })
+    Ok(CallResult { completion, usage })
 }
 
 /// Turns a decided completion into the client's response (SSE replay when streaming).
@@ -307,4 +310,3 @@ fn respond_with_completion(chat: &ChatRequest, completion: &Value, usage: Usage)
         Body::Json(Bytes::from(completion.to_string()))
     }
 }
-

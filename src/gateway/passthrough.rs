@@ -99,10 +99,20 @@ fn reservation(req: &PassRequest, plan: &Plan, prompt: u64) -> u64 {
 async fn run(app: &Arc<AppState>, req: &PassRequest) -> Result<Outcome, GatewayError> {
     let rt = app.runtime.load_full();
     let plan = plan(app, &rt, req)?;
-    let stream = req.body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream = req
+        .body
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let prompt = passthrough_prompt_tokens(&req.body);
     let mut headers = Vec::new();
-    let admission = admit(app, &req.caller, prompt, reservation(req, &plan, prompt), &mut headers)?;
+    let admission = admit(
+        app,
+        &req.caller,
+        prompt,
+        reservation(req, &plan, prompt),
+        &mut headers,
+    )?;
     let mut meter = Meter::new(MeterInit {
         app,
         caller: &req.caller,
@@ -116,7 +126,11 @@ async fn run(app: &Arc<AppState>, req: &PassRequest) -> Result<Outcome, GatewayE
         prompt_tokens: Some(prompt),
     });
     // Usage on streams is needed for accounting, as on chat.
-    let mode = if stream { StreamMode::ForceUsage } else { StreamMode::Keep };
+    let mode = if stream {
+        StreamMode::ForceUsage
+    } else {
+        StreamMode::Keep
+    };
     let dispatched = dispatch(
         app,
         &rt,

@@ -36,7 +36,11 @@ struct GatewayLlm<'a> {
 
 #[async_trait::async_trait]
 impl LlmCall for GatewayLlm<'_> {
-    async fn call(&self, model: &Arc<ModelConfig>, body: Bytes) -> Option<(Arc<ModelConfig>, Bytes)> {
+    async fn call(
+        &self,
+        model: &Arc<ModelConfig>,
+        body: Bytes,
+    ) -> Option<(Arc<ModelConfig>, Bytes)> {
         let candidates = route::direct_candidates(&self.rt.config, model);
         let d = dispatch(
             self.app,
@@ -283,4 +287,3 @@ pub fn router_worst_case(
     };
     worst.saturating_add(classifier.unwrap_or(0))
 }
-

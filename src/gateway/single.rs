@@ -5,8 +5,8 @@
 
 use super::cache::label;
 use super::meter::Bill;
-use super::stream::{SseForwarder, StreamEnd};
 use super::state::{AppState, Runtime};
+use super::stream::{SseForwarder, StreamEnd};
 use super::{Body, Exec, Facts, GatewayError as ApiError, Outcome, MAX_UPSTREAM_BODY};
 use crate::cache::Entry;
 use crate::config::ModelConfig;
@@ -125,8 +125,12 @@ pub async fn dispatch(
                         UpstreamOutcome::Error(UpstreamErrorKind::Client),
                     );
                     let body = resp.collect(1024 * 1024).await.unwrap_or_default();
-                    let mut e =
-                        ApiError::new(status.as_u16(), "invalid_request_error", None, "upstream error");
+                    let mut e = ApiError::new(
+                        status.as_u16(),
+                        "invalid_request_error",
+                        None,
+                        "upstream error",
+                    );
                     e.raw = Some(body);
                     return Err(e);
                 }
@@ -206,7 +210,11 @@ pub async fn call(x: Exec<'_>, facts: &mut Facts) -> Result<Outcome, ApiError> {
         ttl,
     } = x;
     let chat = &req.chat;
-    let mode = if chat.stream { StreamMode::ForceUsage } else { StreamMode::Keep };
+    let mode = if chat.stream {
+        StreamMode::ForceUsage
+    } else {
+        StreamMode::Keep
+    };
     let mut decision = plan.decision;
     let dispatched = dispatch(
         app,
@@ -216,7 +224,10 @@ pub async fn call(x: Exec<'_>, facts: &mut Facts) -> Result<Outcome, ApiError> {
         |m| UpstreamBody::new(&chat.body, &m.upstream_model, mode).to_bytes(),
         decision.tier.as_deref(),
     )
-    .instrument(tracing::info_span!("upstream", tier = decision.tier.as_deref().unwrap_or("-")))
+    .instrument(tracing::info_span!(
+        "upstream",
+        tier = decision.tier.as_deref().unwrap_or("-")
+    ))
     .await;
     let d = match dispatched {
         Ok(d) => d,

@@ -187,7 +187,11 @@ impl SseForwarder {
 
     fn fail(&mut self, message: String) {
         tracing::warn!(error = %message, "upstream stream broke");
-        let event = crate::protocol::openai::error::sse_event(&message, "api_error", Some("upstream_error"));
+        let event = crate::protocol::openai::error::sse_event(
+            &message,
+            "api_error",
+            Some("upstream_error"),
+        );
         self.out.extend_from_slice(&event);
         self.upstream_error = Some(message);
         self.ended = true;

@@ -3,14 +3,14 @@
 //! back with a `Classification` (failures become `unknown`).
 
 use super::Classification;
-use crate::config::{ClassifierKind, InputMode, RouterConfig, UNKNOWN_LABEL};
 use crate::classify::embedded::EmbeddedClassifier;
 use crate::config::ModelConfig;
+use crate::config::{ClassifierKind, InputMode, RouterConfig, UNKNOWN_LABEL};
 use crate::protocol::openai::chat::{content_text, ChatRequest};
-use std::collections::HashMap;
-use std::sync::Arc;
 use serde_json::Value;
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The text a router classifies, per its `input` setting.
 pub fn input_text(mode: InputMode, chat: &ChatRequest) -> Cow<'_, str> {
@@ -105,7 +105,11 @@ pub type VerdictCache = moka::sync::Cache<[u8; 32], Classification>;
 pub trait LlmCall: Send + Sync {
     /// Sends a chat-completions `body` to `model`; the deployment that
     /// answered and its raw body, or `None` on any failure.
-    async fn call(&self, model: &Arc<ModelConfig>, body: bytes::Bytes) -> Option<(Arc<ModelConfig>, bytes::Bytes)>;
+    async fn call(
+        &self,
+        model: &Arc<ModelConfig>,
+        body: bytes::Bytes,
+    ) -> Option<(Arc<ModelConfig>, bytes::Bytes)>;
 }
 
 /// What a classifier may use besides the request.
@@ -117,7 +121,11 @@ pub struct ClassifyEnv<'a> {
     pub llm: &'a dyn LlmCall,
 }
 
-pub async fn classify(env: &ClassifyEnv<'_>, router: &RouterConfig, chat: &ChatRequest) -> Classification {
+pub async fn classify(
+    env: &ClassifyEnv<'_>,
+    router: &RouterConfig,
+    chat: &ChatRequest,
+) -> Classification {
     let text = input_text(router.input, chat);
     match &router.classifier {
         ClassifierKind::None => Classification {

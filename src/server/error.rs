@@ -11,7 +11,10 @@ impl IntoResponse for ApiError {
         let mut resp = match &self.raw {
             Some(raw) => (
                 status,
-                [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
                 raw.clone(),
             )
                 .into_response(),

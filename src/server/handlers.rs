@@ -5,9 +5,9 @@ use super::error::ApiError;
 use super::RequestId;
 use crate::auth::presented_key;
 use crate::config::AuthMode;
-pub use crate::gateway::Caller;
 use crate::gateway::passthrough::PassRequest;
 use crate::gateway::state::AppState;
+pub use crate::gateway::Caller;
 use crate::gateway::{Api, Body as GatewayBody, Outcome, Reply};
 use crate::protocol::openai::chat;
 use crate::protocol::Headers;
@@ -241,12 +241,23 @@ async fn passthrough(app: Arc<AppState>, caller: Caller, req: Request, api: Api)
 }
 
 /// A chat request refused before it reached the gateway still counts.
-fn refused(app: &Arc<AppState>, caller: &Caller, started: std::time::Instant, e: ApiError) -> Response {
+fn refused(
+    app: &Arc<AppState>,
+    caller: &Caller,
+    started: std::time::Instant,
+    e: ApiError,
+) -> Response {
     let facts = crate::gateway::Facts {
         key: caller.name().map(str::to_string),
         ..Default::default()
     };
-    encode(crate::gateway::finish(app, Api::Chat, started, Err(e), facts))
+    encode(crate::gateway::finish(
+        app,
+        Api::Chat,
+        started,
+        Err(e),
+        facts,
+    ))
 }
 
 /// The header facts the pipeline reads, as plain data.
@@ -275,14 +286,19 @@ fn outcome_response(o: Outcome) -> Response {
     let mut r = match o.body {
         GatewayBody::Json(b) => {
             let mut r = Response::new(Body::from(b));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         }
         GatewayBody::Stream(s) => {
             let mut r = Response::new(Body::from_stream(s));
             let h = r.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             h.insert("x-accel-buffering", HeaderValue::from_static("no"));
             r

@@ -39,9 +39,7 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ProtocolError> {
     }
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ProtocolError::body(
-            "Request body must be a JSON object.",
-        )),
+        Ok(_) => Err(ProtocolError::body("Request body must be a JSON object.")),
         Err(e) => Err(ProtocolError::body(format!(
             "We could not parse the JSON body of your request ({e})."
         ))),
@@ -241,7 +239,6 @@ pub fn content_text(m: &Value) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
-
 /// How the upstream body treats streaming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamMode {
@@ -309,9 +306,7 @@ impl serde::Serialize for UpstreamBody<'_> {
             match k.as_str() {
                 k if self.skips(k) => {}
                 "model" => map.serialize_entry(k, self.model)?,
-                "messages" if self.messages.is_some() => {
-                    map.serialize_entry(k, &self.messages)?
-                }
+                "messages" if self.messages.is_some() => map.serialize_entry(k, &self.messages)?,
                 "stream_options" if force_usage => {
                     saw_options = true;
                     let mut o = v.as_object().cloned().unwrap_or_default();
@@ -325,7 +320,10 @@ impl serde::Serialize for UpstreamBody<'_> {
             map.serialize_entry("model", self.model)?;
         }
         if force_usage && !saw_options {
-            map.serialize_entry("stream_options", &serde_json::json!({"include_usage": true}))?;
+            map.serialize_entry(
+                "stream_options",
+                &serde_json::json!({"include_usage": true}),
+            )?;
         }
         if let Some(n) = self.temperature.and_then(serde_json::Number::from_f64) {
             map.serialize_entry("temperature", &n)?;
