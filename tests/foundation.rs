@@ -215,6 +215,7 @@ async fn fallback_before_first_byte_and_upstream_errors() {
         route.contains("model=smart") && route.contains("fallback_from=primary"),
         "{route}"
     );
+    assert!(route.starts_with("api=chat; "), "{route}");
     assert_eq!(up.calls_for("fast-upstream"), 1);
 
     // 4xx from the provider passes through untouched, no fallback.
@@ -371,16 +372,20 @@ async fn request_ids_models_health_and_passthrough_endpoints() {
         .await
         .unwrap();
     assert_eq!(e["model"], "fast-upstream");
-    let t: Value = c
+    let r = c
         .post(format!("{}/completions", gw.base_url()))
         .bearer_auth(KEY)
         .json(&json!({"model": "smart", "prompt": "hello"}))
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    // Every API names itself in the route header.
+    let route = r.headers()["x-triage-route"].to_str().unwrap().to_string();
+    assert!(
+        route.starts_with("api=completions; ") && route.contains("model=smart"),
+        "{route}"
+    );
+    let t: Value = r.json().await.unwrap();
     assert_eq!(t["choices"][0]["text"], "done");
 
     let base = format!("http://{}", gw.addr);

@@ -145,6 +145,7 @@ pub struct Outcome {
 /// Facts about a request for the access log, whatever its outcome.
 #[derive(Clone, Debug, Default)]
 pub struct Facts {
+    pub api: Option<&'static str>,
     pub key: Option<String>,
     pub router: Option<String>,
     pub upstream_wait: Duration,
@@ -181,6 +182,7 @@ pub(crate) fn finish(
     result: Result<Outcome, GatewayError>,
     mut facts: Facts,
 ) -> Reply {
+    facts.api = Some(api.as_str());
     let result = result.map(|mut o| {
         let route = format!("api={}; {}", api.as_str(), o.decision.header_value());
         facts.route = Some(route.clone());

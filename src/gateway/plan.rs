@@ -66,7 +66,6 @@ pub async fn plan(
     target: &Target,
     escalate: bool,
 ) -> Plan {
-    let chat = &req.chat;
     match target {
         Target::Model(m) => Plan {
             decision: RouteDecision::direct(&m.name),
@@ -77,48 +76,14 @@ pub async fn plan(
             classification_bill: None,
         },
         Target::Router(r) => {
-            let t0 = Instant::now();
-            let llm = GatewayLlm { app, rt };
-            let env = ClassifyEnv {
-                verdicts: &app.verdicts,
-                embedded: &rt.classifiers,
-                models: &rt.config.models,
-                llm: &llm,
-            };
-            let c: Classification = route::classify::classify(&env, r, chat)
-                .instrument(tracing::info_span!("classify", router = %r.name))
-                .await;
-            let unknown = if c.failed {
-                Some(crate::metrics::UnknownReason::Failure)
-            } else if c.label != crate::config::UNKNOWN_LABEL && c.confidence < r.min_confidence {
-                Some(crate::metrics::UnknownReason::LowConfidence)
-            } else {
-                None
-            };
-            app.metrics.record_classification(
-                &r.name,
-                classifier_kind(r),
-                &c.label,
-                t0.elapsed(),
-                unknown,
-            );
+            let c = classify(app, rt, r, &req.chat).await;
             let input = route::RuleInput {
-                features: &chat.features,
+                features: &req.chat.features,
                 key: req.caller.name(),
                 headers: &req.headers,
             };
             let (mut tier, mut reason) = route::choose_tier(r, &c, &input);
-            let (mut vote, mut cascade) = match reason {
-                RouteReason::Rule(i) => {
-                    let rule = &r.rules[i];
-                    (rule.vote.clone(), rule.cascade.clone())
-                }
-                _ => (None, None),
-            };
-            if vote.is_none() && cascade.is_none() {
-                vote = r.vote.clone();
-                cascade = r.cascade.clone();
-            }
+            let (vote, mut cascade) = multi_call_for(r, &reason);
             if escalate && tier != r.unknown_tier {
                 // A looping agent gets the most capable tier for this turn.
                 tier = r.unknown_tier.clone();
@@ -141,10 +106,58 @@ pub async fn plan(
                 vote,
                 cascade,
                 router: Some(r.clone()),
-                classification_bill: c.bill.clone(),
+                classification_bill: c.bill,
             }
         }
     }
+}
+
+/// Runs the router's classifier and records its verdict.
+async fn classify(
+    app: &AppState,
+    rt: &Runtime,
+    r: &RouterConfig,
+    chat: &ChatRequest,
+) -> Classification {
+    let t0 = Instant::now();
+    let llm = GatewayLlm { app, rt };
+    let env = ClassifyEnv {
+        verdicts: &app.verdicts,
+        embedded: &rt.classifiers,
+        models: &rt.config.models,
+        llm: &llm,
+    };
+    let c = route::classify::classify(&env, r, chat)
+        .instrument(tracing::info_span!("classify", router = %r.name))
+        .await;
+    let unknown = if c.failed {
+        Some(crate::metrics::UnknownReason::Failure)
+    } else if c.label != crate::config::UNKNOWN_LABEL && c.confidence < r.min_confidence {
+        Some(crate::metrics::UnknownReason::LowConfidence)
+    } else {
+        None
+    };
+    app.metrics
+        .record_classification(&r.name, classifier_kind(r), &c.label, t0.elapsed(), unknown);
+    c
+}
+
+/// The matched rule's vote or cascade, else the router's.
+fn multi_call_for(
+    r: &RouterConfig,
+    reason: &RouteReason,
+) -> (Option<Arc<CompiledVote>>, Option<Arc<CompiledCascade>>) {
+    let (vote, cascade) = match reason {
+        RouteReason::Rule(i) => {
+            let rule = &r.rules[*i];
+            (rule.vote.clone(), rule.cascade.clone())
+        }
+        _ => (None, None),
+    };
+    if vote.is_none() && cascade.is_none() {
+        return (r.vote.clone(), r.cascade.clone());
+    }
+    (vote, cascade)
 }
 
 fn classifier_kind(r: &RouterConfig) -> &'static str {

@@ -72,77 +72,18 @@ pub async fn dispatch(
             let t0 = Instant::now();
             let deadline = tokio::time::Instant::now() + provider.config.total_timeout;
             let result = provider.send(path, body.clone(), deadline).await;
-            let (err, kind, retry_after) = match result {
-                Ok(resp) if resp.status.is_success() => {
-                    app.health.success(&m.name, t0.elapsed());
-                    metrics.set_deployment_healthy(&m.name, true);
-                    metrics.record_upstream(&m.name, t0.elapsed(), UpstreamOutcome::Ok);
+            let (err, kind, retry_after) = match judge(app, m, result, t0, attempt).await {
+                Attempt::Answered(resp) => {
                     return Ok(Dispatched {
                         candidate: cand.clone(),
                         response: resp,
                         fell_back_from,
                         skipped,
                         upstream_wait: wait_start.elapsed(),
-                    });
+                    })
                 }
-                Ok(resp)
-                    if resp.status == StatusCode::TOO_MANY_REQUESTS
-                        || resp.status.is_server_error() =>
-                {
-                    let status = resp.status;
-                    let retry_after = resp.retry_after();
-                    let body = resp.collect(1024 * 1024).await.unwrap_or_default();
-                    tracing::warn!(model = %m.name, status = status.as_u16(), attempt, "provider refused; trying the next deployment");
-                    let (e, kind) = if status == StatusCode::TOO_MANY_REQUESTS {
-                        let mut e = ApiError::new(
-                            status.as_u16(),
-                            "rate_limit_error",
-                            Some("rate_limit_exceeded"),
-                            format!("Provider for `{}` is rate limiting.", m.name),
-                        );
-                        e.raw = Some(body);
-                        (e, UpstreamErrorKind::RateLimited)
-                    } else {
-                        (
-                            ApiError::bad_gateway(format!(
-                                "Provider for `{}` answered {}.",
-                                m.name,
-                                status.as_u16()
-                            )),
-                            UpstreamErrorKind::Server,
-                        )
-                    };
-                    (e, kind, retry_after)
-                }
-                Ok(resp) => {
-                    // The request itself is wrong for this provider: another
-                    // deployment would say the same, so pass it through.
-                    let status = resp.status;
-                    app.health.success(&m.name, t0.elapsed());
-                    metrics.record_upstream(
-                        &m.name,
-                        t0.elapsed(),
-                        UpstreamOutcome::Error(UpstreamErrorKind::Client),
-                    );
-                    let body = resp.collect(1024 * 1024).await.unwrap_or_default();
-                    let mut e = ApiError::new(
-                        status.as_u16(),
-                        "invalid_request_error",
-                        None,
-                        "upstream error",
-                    );
-                    e.raw = Some(body);
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::warn!(model = %m.name, error = %e, attempt, "provider attempt failed");
-                    let kind = match e {
-                        UpstreamError::Timeout { .. } => UpstreamErrorKind::Timeout,
-                        UpstreamError::Connect { .. } => UpstreamErrorKind::Connect,
-                        UpstreamError::Body { .. } => UpstreamErrorKind::Protocol,
-                    };
-                    (upstream_error(&m.name, &e), kind, None)
-                }
+                Attempt::Final(e) => return Err(e),
+                Attempt::Failed(e, kind, retry_after) => (e, kind, retry_after),
             };
             metrics.record_upstream(&m.name, t0.elapsed(), UpstreamOutcome::Error(kind));
             if app
@@ -162,19 +103,106 @@ pub async fn dispatch(
         }
         fell_back_from.push(m.name.clone());
     }
-    Err(last_error.unwrap_or_else(|| {
-        let what = tier_name.map_or_else(
-            || "the requested model".to_string(),
-            |t| format!("tier `{t}`"),
-        );
-        if !skipped.is_empty() {
-            ApiError::unavailable(format!(
-                "Every deployment of {what} is cooling down after failures; try again shortly."
-            ))
-        } else {
-            ApiError::unavailable(format!("No deployment of {what} is available."))
+    Err(last_error.unwrap_or_else(|| no_deployment(tier_name, !skipped.is_empty())))
+}
+
+/// Nothing answered and nothing failed: every deployment was skipped.
+fn no_deployment(tier_name: Option<&str>, cooling: bool) -> ApiError {
+    let what = tier_name.map_or_else(
+        || "the requested model".to_string(),
+        |t| format!("tier `{t}`"),
+    );
+    if cooling {
+        ApiError::unavailable(format!(
+            "Every deployment of {what} is cooling down after failures; try again shortly."
+        ))
+    } else {
+        ApiError::unavailable(format!("No deployment of {what} is available."))
+    }
+}
+
+/// What one attempt at a deployment came to.
+enum Attempt {
+    Answered(UpstreamResponse),
+    /// The request itself is wrong: no other deployment would do better.
+    Final(ApiError),
+    /// Worth trying again or elsewhere (`retry_after` as the provider asked).
+    Failed(ApiError, UpstreamErrorKind, Option<Duration>),
+}
+
+async fn judge(
+    app: &AppState,
+    m: &ModelConfig,
+    result: Result<UpstreamResponse, UpstreamError>,
+    t0: Instant,
+    attempt: u32,
+) -> Attempt {
+    let metrics = &app.metrics;
+    match result {
+        Ok(resp) if resp.status.is_success() => {
+            app.health.success(&m.name, t0.elapsed());
+            metrics.set_deployment_healthy(&m.name, true);
+            metrics.record_upstream(&m.name, t0.elapsed(), UpstreamOutcome::Ok);
+            Attempt::Answered(resp)
         }
-    }))
+        Ok(resp)
+            if resp.status == StatusCode::TOO_MANY_REQUESTS || resp.status.is_server_error() =>
+        {
+            let status = resp.status;
+            let retry_after = resp.retry_after();
+            let body = resp.collect(1024 * 1024).await.unwrap_or_default();
+            tracing::warn!(model = %m.name, status = status.as_u16(), attempt, "provider refused; trying the next deployment");
+            let (e, kind) = if status == StatusCode::TOO_MANY_REQUESTS {
+                let mut e = ApiError::new(
+                    status.as_u16(),
+                    "rate_limit_error",
+                    Some("rate_limit_exceeded"),
+                    format!("Provider for `{}` is rate limiting.", m.name),
+                );
+                e.raw = Some(body);
+                (e, UpstreamErrorKind::RateLimited)
+            } else {
+                (
+                    ApiError::bad_gateway(format!(
+                        "Provider for `{}` answered {}.",
+                        m.name,
+                        status.as_u16()
+                    )),
+                    UpstreamErrorKind::Server,
+                )
+            };
+            Attempt::Failed(e, kind, retry_after)
+        }
+        Ok(resp) => {
+            // The request itself is wrong for this provider: another
+            // deployment would say the same, so pass it through.
+            let status = resp.status;
+            app.health.success(&m.name, t0.elapsed());
+            metrics.record_upstream(
+                &m.name,
+                t0.elapsed(),
+                UpstreamOutcome::Error(UpstreamErrorKind::Client),
+            );
+            let body = resp.collect(1024 * 1024).await.unwrap_or_default();
+            let mut e = ApiError::new(
+                status.as_u16(),
+                "invalid_request_error",
+                None,
+                "upstream error",
+            );
+            e.raw = Some(body);
+            Attempt::Final(e)
+        }
+        Err(e) => {
+            tracing::warn!(model = %m.name, error = %e, attempt, "provider attempt failed");
+            let kind = match e {
+                UpstreamError::Timeout { .. } => UpstreamErrorKind::Timeout,
+                UpstreamError::Connect { .. } => UpstreamErrorKind::Connect,
+                UpstreamError::Body { .. } => UpstreamErrorKind::Protocol,
+            };
+            Attempt::Failed(upstream_error(&m.name, &e), kind, None)
+        }
+    }
 }
 
 /// Releases a half-open probe slot on drop; harmless after success/failure.

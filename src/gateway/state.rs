@@ -189,8 +189,7 @@ pub fn known_names(config: &Config) -> KnownNames {
     }
 }
 
-/// A small cache of classifier verdicts by prompt hash.
-pub type VerdictCache = moka::sync::Cache<[u8; 32], crate::route::Classification>;
+pub use crate::route::classify::VerdictCache;
 
 pub struct AppState {
     pub runtime: ArcSwap<Runtime>,

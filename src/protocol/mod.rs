@@ -57,3 +57,18 @@ impl Headers {
             .map(|(_, v)| v.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_found_whatever_the_case() {
+        let mut h = Headers::new();
+        h.push("X-Session-Id", "abc");
+        h.push("x-session-id", "second");
+        assert_eq!(h.get("x-session-id"), Some("abc"));
+        assert_eq!(h.get("X-SESSION-ID"), Some("abc"));
+        assert_eq!(h.get("missing"), None);
+    }
+}

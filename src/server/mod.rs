@@ -105,6 +105,7 @@ async fn access_log(mut req: Request, next: Next) -> Response {
             path = %path,
             status,
             latency_us = micros,
+            api = facts.api.unwrap_or("-"),
             key = facts.key.as_deref().unwrap_or("-"),
             route = facts.route.as_deref().unwrap_or("-"),
             cache = facts.cache.unwrap_or("-"),
