@@ -6,7 +6,7 @@ use super::Classification;
 use crate::classify::embedded::EmbeddedClassifier;
 use crate::config::ModelConfig;
 use crate::config::{ClassifierKind, InputMode, RouterConfig, UNKNOWN_LABEL};
-use crate::protocol::openai::chat::{content_text, ChatRequest};
+use crate::protocol::openai::chat::ChatRequest;
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -14,26 +14,11 @@ use std::sync::Arc;
 
 /// The text a router classifies, per its `input` setting.
 pub fn input_text(mode: InputMode, chat: &ChatRequest) -> Cow<'_, str> {
-    let Some(Value::Array(msgs)) = chat.body.get("messages") else {
-        return Cow::Borrowed("");
-    };
-    fn role(m: &Value) -> &str {
-        m.get("role").and_then(Value::as_str).unwrap_or("")
-    }
-    let last_user = || {
-        msgs.iter()
-            .rev()
-            .find(|m| role(m) == "user")
-            .and_then(content_text)
-    };
+    let last_user = || chat.last_user_text();
     match mode {
         InputMode::LastUser => last_user().unwrap_or(Cow::Borrowed("")),
         InputMode::AllUser => {
-            let parts: Vec<Cow<'_, str>> = msgs
-                .iter()
-                .filter(|m| role(m) == "user")
-                .filter_map(content_text)
-                .collect();
+            let parts: Vec<Cow<'_, str>> = chat.texts(|r| r == "user").collect();
             if parts.len() == 1 {
                 parts.into_iter().next().unwrap_or(Cow::Borrowed(""))
             } else {
@@ -41,10 +26,7 @@ pub fn input_text(mode: InputMode, chat: &ChatRequest) -> Cow<'_, str> {
             }
         }
         InputMode::SystemAndLastUser => {
-            let sys = msgs
-                .iter()
-                .find(|m| matches!(role(m), "system" | "developer"))
-                .and_then(content_text);
+            let sys = chat.text_of(|r| matches!(r, "system" | "developer"), false);
             match (sys, last_user()) {
                 (Some(s), Some(u)) => Cow::Owned(format!("{s}\n{u}")),
                 (None, Some(u)) => u,

@@ -167,29 +167,7 @@ fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ProtocolError>
         }
         // Per-message framing overhead, as OpenAI counts it.
         f.prompt_tokens += 4;
-        match obj.get("content") {
-            Some(Value::String(s)) => f.prompt_tokens += estimate_tokens(s),
-            Some(Value::Array(parts)) => {
-                for p in parts {
-                    match p.get("type").and_then(Value::as_str) {
-                        Some("text") => {
-                            f.prompt_tokens += p
-                                .get("text")
-                                .and_then(Value::as_str)
-                                .map(estimate_tokens)
-                                .unwrap_or(0)
-                        }
-                        Some("image_url") | Some("input_image") => {
-                            f.has_images = true;
-                            // A typical high-detail image tile budget.
-                            f.prompt_tokens += 765;
-                        }
-                        _ => f.prompt_tokens += estimate_tokens(&p.to_string()),
-                    }
-                }
-            }
-            _ => {}
-        }
+        content_features(obj.get("content"), &mut f);
         if let Some(tc) = obj.get("tool_calls") {
             f.prompt_tokens += estimate_tokens(&tc.to_string());
         }
@@ -212,6 +190,33 @@ fn features(body: &Map<String, Value>) -> Result<RequestFeatures, ProtocolError>
     );
     f.prompt_tokens += 3;
     Ok(f)
+}
+
+/// Prompt tokens and images of one message's `content`.
+fn content_features(content: Option<&Value>, f: &mut RequestFeatures) {
+    match content {
+        Some(Value::String(s)) => f.prompt_tokens += estimate_tokens(s),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        f.prompt_tokens += p
+                            .get("text")
+                            .and_then(Value::as_str)
+                            .map(estimate_tokens)
+                            .unwrap_or(0)
+                    }
+                    Some("image_url") | Some("input_image") => {
+                        f.has_images = true;
+                        // A typical high-detail image tile budget.
+                        f.prompt_tokens += 765;
+                    }
+                    _ => f.prompt_tokens += estimate_tokens(&p.to_string()),
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// `body[a][b]`, for the few nested fields the gateway reads.
@@ -368,23 +373,44 @@ pub fn passthrough_prompt_tokens(body: &Map<String, Value>) -> u64 {
         .unwrap_or(0)
 }
 
-/// The text of the messages with `role`s matching `pick`, in order.
-pub fn texts_by_role<'a>(
-    chat: &'a ChatRequest,
-    pick: impl Fn(&str) -> bool + 'a,
-) -> impl DoubleEndedIterator<Item = (&'a str, std::borrow::Cow<'a, str>)> + 'a {
-    let msgs: &'a [Value] = match chat.body.get("messages") {
-        Some(Value::Array(m)) => m,
-        _ => &[],
-    };
-    msgs.iter().filter_map(move |m| {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-        if pick(role) {
-            content_text(m).map(|t| (role, t))
+impl ChatRequest {
+    /// The text of the messages whose role `pick` accepts, in order.
+    pub fn texts<'a>(
+        &'a self,
+        pick: impl Fn(&str) -> bool + 'a,
+    ) -> impl DoubleEndedIterator<Item = std::borrow::Cow<'a, str>> + 'a {
+        let msgs: &'a [Value] = match self.body.get("messages") {
+            Some(Value::Array(m)) => m,
+            _ => &[],
+        };
+        msgs.iter()
+            .filter(move |m| pick(m.get("role").and_then(Value::as_str).unwrap_or("")))
+            .filter_map(content_text)
+    }
+
+    /// The text of the first (or, `last`, the last) message whose role
+    /// `pick` accepts; `None` if that message has no text.
+    pub fn text_of(
+        &self,
+        pick: impl Fn(&str) -> bool,
+        last: bool,
+    ) -> Option<std::borrow::Cow<'_, str>> {
+        let Some(Value::Array(msgs)) = self.body.get("messages") else {
+            return None;
+        };
+        let is = |m: &&Value| pick(m.get("role").and_then(Value::as_str).unwrap_or(""));
+        let m = if last {
+            msgs.iter().rev().find(is)
         } else {
-            None
-        }
-    })
+            msgs.iter().find(is)
+        };
+        m.and_then(content_text)
+    }
+
+    /// The last user message's text: what classifiers and voters read.
+    pub fn last_user_text(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.text_of(|r| r == "user", true)
+    }
 }
 
 #[cfg(test)]
