@@ -149,6 +149,11 @@ impl Meter {
         self.upstream_wait = upstream_wait;
     }
 
+    /// Time spent on providers when no single deployment answered (a failed vote).
+    pub fn waited(&mut self, upstream_wait: Duration) {
+        self.upstream_wait = upstream_wait;
+    }
+
     /// Settles spend and tokens, records metrics, updates the sessions.
     pub fn finish(mut self, status: u16, bill: &Bill, first_byte: Option<Duration>) {
         self.settle(status, bill, first_byte);

@@ -121,6 +121,8 @@ impl Caller {
 pub struct Request {
     pub api: Api,
     pub chat: ChatRequest,
+    /// The body as the client sent it (for edges that pass it on verbatim).
+    pub raw: Bytes,
     pub caller: Caller,
     pub headers: Headers,
     pub request_id: Arc<str>,

@@ -49,6 +49,7 @@ impl MultiCall {
     /// Moves the finished calls into the bill; returns the models that answered, in order.
     fn collect(&mut self, facts: &mut Facts) -> Vec<String> {
         facts.upstream_wait = self.started.elapsed();
+        self.meter.waited(facts.upstream_wait);
         let served: Vec<_> = self.served.lock().drain(..).collect();
         served
             .into_iter()
@@ -68,7 +69,8 @@ impl MultiCall {
         outcome: (&'static str, String),
         cacheable: bool,
     ) -> Outcome {
-        self.meter.routed(&decision, self.started.elapsed());
+        let wait = self.started.elapsed();
+        self.meter.routed(&decision, wait);
         self.headers.push(outcome);
         let body = respond_with_completion(chat, completion, self.bill.usage());
         self.meter.finish(200, &self.bill, None);

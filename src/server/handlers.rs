@@ -192,6 +192,7 @@ pub async fn chat_completions(
     let req = crate::gateway::Request {
         api: Api::Chat,
         chat,
+        raw: bytes,
         caller,
         headers: header_facts(&headers),
         request_id,
