@@ -194,6 +194,7 @@ impl Meter {
                 prompt_tokens: prompt_tokens.saturating_mul(u64::from(calls.max(1))),
                 completion_tokens: 0,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: true,
             };
             (m.clone(), u)
@@ -546,6 +547,7 @@ fn estimate_usage(chat: &ChatRequest, body: &[u8]) -> Usage {
         prompt_tokens: chat.features.prompt_tokens,
         completion_tokens: completion,
         cached_tokens: 0,
+        cache_write_tokens: 0,
         estimated: true,
     }
 }
@@ -882,6 +884,7 @@ fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
                     prompt_tokens: reserved_prompt,
                     completion_tokens: out.saturating_mul(u64::from(chat.n)),
                     cached_tokens: 0,
+                    cache_write_tokens: 0,
                     estimated: true,
                 };
                 cost_of(m, &u)
@@ -909,6 +912,7 @@ fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
                 prompt_tokens: reserved_prompt + u64::from(v.cfg.n) * j.max_output_tokens,
                 completion_tokens: 64,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: true,
             };
             t = t.saturating_add(cost_of(j, &u));
@@ -991,6 +995,7 @@ fn router_worst_case(
                 prompt_tokens: reserved_prompt + 300,
                 completion_tokens: 20,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: true,
             };
             cost_of(m, &u)
@@ -1587,6 +1592,7 @@ pub(crate) async fn passthrough(
                 prompt_tokens: reserved_prompt_tokens(prompt),
                 completion_tokens: out,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: true,
             };
             cost_of(&c.model, &u)
@@ -1673,6 +1679,7 @@ pub(crate) async fn passthrough(
             prompt_tokens: prompt,
             completion_tokens: 0,
             cached_tokens: 0,
+            cache_write_tokens: 0,
             estimated: true,
         });
         let mut bill = Bill::default();
