@@ -37,7 +37,10 @@ const JSON_OBJECT_INSTRUCTION: &str =
     "Respond with a single valid JSON object and nothing else: no prose, no code fences.";
 
 /// Chat completions request → Anthropic Messages request for `upstream_model`.
-pub fn chat_to_messages_request(chat: &Value, upstream_model: &str) -> Result<Value, ProtocolError> {
+pub fn chat_to_messages_request(
+    chat: &Value,
+    upstream_model: &str,
+) -> Result<Value, ProtocolError> {
     chat_to_messages_request_with_drops(chat, upstream_model).map(|t| t.body)
 }
 
@@ -201,12 +204,21 @@ fn convert_messages(
                 }
                 continue;
             }
-            "user" => ("user", user_blocks(m.get("content"), &format!("{path}.content"))?),
+            "user" => (
+                "user",
+                user_blocks(m.get("content"), &format!("{path}.content"))?,
+            ),
             "assistant" => ("assistant", assistant_blocks(m, &path, drops)?),
             "tool" => {
-                let id = m.get("tool_call_id").and_then(Value::as_str).ok_or_else(|| {
-                    ProtocolError::new(format!("{path}.tool_call_id"), "required for tool messages")
-                })?;
+                let id = m
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        ProtocolError::new(
+                            format!("{path}.tool_call_id"),
+                            "required for tool messages",
+                        )
+                    })?;
                 let content = chat_text(m.get("content"), &format!("{path}.content"))?;
                 (
                     "user",
@@ -371,7 +383,10 @@ fn assistant_blocks(m: &Value, path: &str, drops: &mut Drops) -> Result<Vec<Valu
     Ok(blocks)
 }
 
-fn tools_to_messages(req: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<bool, ProtocolError> {
+fn tools_to_messages(
+    req: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+) -> Result<bool, ProtocolError> {
     let Some(tools) = req.get("tools").and_then(Value::as_array) else {
         return Ok(false);
     };
@@ -431,12 +446,7 @@ fn tool_choice_to_messages(
         },
         Some(v) => match v.pointer("/function/name").and_then(Value::as_str) {
             Some(name) => Some(json!({"type": "tool", "name": name})),
-            None => {
-                return Err(ProtocolError::new(
-                    "tool_choice.function.name",
-                    "required",
-                ))
-            }
+            None => return Err(ProtocolError::new("tool_choice.function.name", "required")),
         },
     };
     if req.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {

@@ -171,10 +171,7 @@ impl MessagesToChatStream {
             Some("error") => {
                 let e = event.get("error");
                 return Err(StreamError {
-                    error_type: e
-                        .and_then(type_of)
-                        .unwrap_or("api_error")
-                        .to_string(),
+                    error_type: e.and_then(type_of).unwrap_or("api_error").to_string(),
                     message: e
                         .and_then(|e| e.get("message"))
                         .and_then(Value::as_str)

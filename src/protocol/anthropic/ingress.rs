@@ -125,10 +125,7 @@ pub fn messages_to_chat_with_drops(body: &Value) -> Result<Translated, ProtocolE
                         }
                         ("user_id", Value::Null | Value::String(_)) => {}
                         ("user_id", _) => {
-                            return Err(ProtocolError::new(
-                                "metadata.user_id",
-                                "must be a string",
-                            ))
+                            return Err(ProtocolError::new("metadata.user_id", "must be a string"))
                         }
                         (other, _) => drops.add(format!("metadata.{other}")),
                     }
@@ -189,7 +186,10 @@ fn system_text(v: &Value, path: &str, drops: &mut Drops) -> Result<Option<String
             for (j, b) in blocks.iter().enumerate() {
                 let p = format!("{path}.{j}");
                 if type_of(b) != Some("text") {
-                    return Err(ProtocolError::new(p, "system blocks must be of type `text`"));
+                    return Err(ProtocolError::new(
+                        p,
+                        "system blocks must be of type `text`",
+                    ));
                 }
                 note_block_drops(b, &p, drops);
                 match b.get("text").and_then(Value::as_str) {
@@ -351,9 +351,12 @@ fn image_part(b: &Value, path: &str) -> Result<Value, ProtocolError> {
         .ok_or_else(|| ProtocolError::new(format!("{path}.source"), "Field required"))?;
     let url = match type_of(src) {
         Some("base64") => {
-            let media = src.get("media_type").and_then(Value::as_str).ok_or_else(|| {
-                ProtocolError::new(format!("{path}.source.media_type"), "Field required")
-            })?;
+            let media = src
+                .get("media_type")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ProtocolError::new(format!("{path}.source.media_type"), "Field required")
+                })?;
             let data = src.get("data").and_then(Value::as_str).ok_or_else(|| {
                 ProtocolError::new(format!("{path}.source.data"), "Field required")
             })?;
@@ -489,12 +492,14 @@ fn assistant_to_chat(
                 }
             }
             Some("tool_use") => {
-                let id = b.get("id").and_then(Value::as_str).ok_or_else(|| {
-                    ProtocolError::new(format!("{p}.id"), "Field required")
-                })?;
-                let name = b.get("name").and_then(Value::as_str).ok_or_else(|| {
-                    ProtocolError::new(format!("{p}.name"), "Field required")
-                })?;
+                let id = b
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ProtocolError::new(format!("{p}.id"), "Field required"))?;
+                let name = b
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ProtocolError::new(format!("{p}.name"), "Field required"))?;
                 let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
                 calls.push(json!({
                     "id": id,
@@ -654,9 +659,12 @@ fn thinking_to_chat(
         }
         Some((Some("disabled"), _)) => None,
         Some((Some("enabled"), t)) => {
-            let budget = t.get("budget_tokens").and_then(Value::as_u64).ok_or_else(|| {
-                ProtocolError::new("thinking.budget_tokens", "Field required: an integer")
-            })?;
+            let budget = t
+                .get("budget_tokens")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| {
+                    ProtocolError::new("thinking.budget_tokens", "Field required: an integer")
+                })?;
             Some(if budget < BUDGET_MEDIUM {
                 "low"
             } else if budget < BUDGET_HIGH {
@@ -734,12 +742,17 @@ pub fn chat_to_messages_response(chat: &Value, requested_model: &str) -> Value {
             id.to_string()
         };
         let f = c.get("function");
-        let name = f.and_then(|f| f.get("name")).and_then(Value::as_str).unwrap_or("");
+        let name = f
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let args = f
             .and_then(|f| f.get("arguments"))
             .and_then(Value::as_str)
             .unwrap_or("");
-        content.push(json!({"type": "tool_use", "id": id, "name": name, "input": parse_arguments(args)}));
+        content.push(
+            json!({"type": "tool_use", "id": id, "name": name, "input": parse_arguments(args)}),
+        );
     }
     let finish = choice
         .and_then(|c| c.get("finish_reason"))
@@ -747,7 +760,8 @@ pub fn chat_to_messages_response(chat: &Value, requested_model: &str) -> Value {
     let matched_stop = choice
         .and_then(|c| c.get("stop_reason"))
         .and_then(Value::as_str);
-    let (stop_reason, stop_sequence) = stop_reason(finish, matched_stop, !calls.is_empty(), refused);
+    let (stop_reason, stop_sequence) =
+        stop_reason(finish, matched_stop, !calls.is_empty(), refused);
     let usage = chat.get("usage").map(messages_usage).unwrap_or_else(|| {
         json!({"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
     });

@@ -108,7 +108,10 @@ impl ChatToMessagesStream {
         let choice = chunk
             .get("choices")
             .and_then(Value::as_array)
-            .and_then(|c| c.iter().find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0));
+            .and_then(|c| {
+                c.iter()
+                    .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+            });
         if let Some(c) = choice {
             if let Some(d) = c.get("delta") {
                 self.delta(d, &mut out);
@@ -116,12 +119,14 @@ impl ChatToMessagesStream {
             if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
                 self.close_open(&mut out);
                 self.finish_reason = Some(f.to_string());
-                self.matched_stop = c.get("stop_reason").and_then(Value::as_str).map(str::to_string);
+                self.matched_stop = c
+                    .get("stop_reason")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
             }
         }
-        if self.finish_reason.is_some() && self.usage.is_some() {
-            self.message_delta(&mut out);
-        }
+        // message_delta waits for finish(): usage comes after finish_reason,
+        // and some upstreams revise it on later chunks.
         Bytes::from(out)
     }
 
@@ -223,7 +228,10 @@ impl ChatToMessagesStream {
             return;
         };
         for (pos, tc) in calls.iter().enumerate() {
-            let chat_index = tc.get("index").and_then(Value::as_u64).unwrap_or(pos as u64);
+            let chat_index = tc
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(pos as u64);
             let block = match self.tools.iter().find(|(c, _)| *c == chat_index) {
                 Some((_, b)) => *b,
                 None => {

@@ -54,8 +54,10 @@ fn system_as_string_or_blocks() {
         json!({"role": "system", "content": "One.\n\nTwo."})
     );
     assert_eq!(t.dropped, vec!["system.*.cache_control"]);
-    let e = err(json!({"model": "m", "max_tokens": 1, "system": [{"type": "image"}],
-        "messages": [{"role": "user", "content": "hi"}]}));
+    let e = err(
+        json!({"model": "m", "max_tokens": 1, "system": [{"type": "image"}],
+        "messages": [{"role": "user", "content": "hi"}]}),
+    );
     assert_eq!(e.param, "system.0");
 }
 
@@ -77,8 +79,10 @@ fn user_blocks_text_and_images() {
             {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
         ]})
     );
-    let e = err(json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "file", "file_id": "f"}}]}]}));
+    let e = err(
+        json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "file", "file_id": "f"}}]}]}),
+    );
     assert_eq!(e.param, "messages.0.content.0.source.type");
 }
 
@@ -157,22 +161,28 @@ fn images_inside_tool_results_follow_as_user_content() {
 
 #[test]
 fn documents_text_is_kept_pdf_is_refused() {
-    let t = ok(json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
-        {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain", "data": "abc"}},
-    ]}]}));
+    let t = ok(
+        json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain", "data": "abc"}},
+        ]}]}),
+    );
     assert_eq!(t.body["messages"][0]["content"], "Notes\n\nabc");
-    let e = err(json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "summarise"},
-        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}},
-    ]}]}));
+    let e = err(
+        json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "summarise"},
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}},
+        ]}]}),
+    );
     assert_eq!(e.param, "messages.0.content.1");
     assert!(e.message.contains("plain-text documents"));
 }
 
 #[test]
 fn unknown_block_types_are_refused_by_name() {
-    let e = err(json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
-        {"type": "search_result", "source": "x"}]}]}));
+    let e = err(
+        json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "search_result", "source": "x"}]}]}),
+    );
     assert_eq!(e.param, "messages.0.content.0.type");
     assert!(e.message.contains("search_result"));
 }
@@ -204,7 +214,9 @@ fn tools_and_tool_choice() {
         with_choice(json!({"type": "none"})).body["tool_choice"],
         "none"
     );
-    let t = with_choice(json!({"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true}));
+    let t = with_choice(
+        json!({"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true}),
+    );
     assert_eq!(
         t.body["tool_choice"],
         json!({"type": "function", "function": {"name": "get_weather"}})
@@ -252,15 +264,21 @@ fn thinking_maps_to_reasoning_effort() {
     };
     let effort = |t: &Translated| t.body.get("reasoning_effort").cloned();
     assert_eq!(
-        effort(&with(json!({"thinking": {"type": "enabled", "budget_tokens": 1024}}))),
+        effort(&with(
+            json!({"thinking": {"type": "enabled", "budget_tokens": 1024}})
+        )),
         Some(json!("low"))
     );
     assert_eq!(
-        effort(&with(json!({"thinking": {"type": "enabled", "budget_tokens": 8000}}))),
+        effort(&with(
+            json!({"thinking": {"type": "enabled", "budget_tokens": 8000}})
+        )),
         Some(json!("medium"))
     );
     assert_eq!(
-        effort(&with(json!({"thinking": {"type": "enabled", "budget_tokens": 32000}}))),
+        effort(&with(
+            json!({"thinking": {"type": "enabled", "budget_tokens": 32000}})
+        )),
         Some(json!("high"))
     );
     assert_eq!(
@@ -274,8 +292,10 @@ fn thinking_maps_to_reasoning_effort() {
     let t = with(json!({"output_config": {"effort": "low"}}));
     assert_eq!(effort(&t), None);
     assert_eq!(t.dropped, vec!["output_config.effort"]);
-    let e = messages_to_chat(&json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
-        "thinking": {"type": "enabled"}}))
+    let e = messages_to_chat(
+        &json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+        "thinking": {"type": "enabled"}}),
+    )
     .unwrap_err();
     assert_eq!(e.param, "thinking.budget_tokens");
 }
@@ -284,20 +304,59 @@ fn thinking_maps_to_reasoning_effort() {
 fn errors_name_the_field() {
     let cases = [
         (json!([]), "body"),
-        (json!({"max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}), "model"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}), "max_tokens"),
-        (json!({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}), "max_tokens"),
+        (
+            json!({"max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}),
+            "model",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}),
+            "max_tokens",
+        ),
         (json!({"model": "m", "max_tokens": 1}), "messages"),
-        (json!({"model": "m", "max_tokens": 1, "messages": []}), "messages"),
-        (json!({"model": "m", "max_tokens": 1, "messages": [{"role": "tool", "content": "x"}]}), "messages.0.role"),
-        (json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user"}]}), "messages.0.content"),
-        (json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}), "stream"),
-        (json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "stop_sequences": "END"}), "stop_sequences"),
-        (json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), "temperature"),
-        (json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "maybe"}}), "tool_choice.type"),
-        (json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}), "messages.0.content.0.tool_use_id"),
-        (json!({"model": "m", "max_tokens": 1, "messages": [{"role": "assistant", "content": [{"type": "tool_use", "name": "f"}]}]}), "messages.0.content.0.id"),
-        (json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "mcp_servers": [{"url": "u"}]}), "mcp_servers"),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": []}),
+            "messages",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "tool", "content": "x"}]}),
+            "messages.0.role",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user"}]}),
+            "messages.0.content",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
+            "stream",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "stop_sequences": "END"}),
+            "stop_sequences",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+            "temperature",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "maybe"}}),
+            "tool_choice.type",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}),
+            "messages.0.content.0.tool_use_id",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "assistant", "content": [{"type": "tool_use", "name": "f"}]}]}),
+            "messages.0.content.0.id",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "mcp_servers": [{"url": "u"}]}),
+            "mcp_servers",
+        ),
     ];
     for (body, param) in cases {
         let e = messages_to_chat(&body).err();
@@ -353,9 +412,18 @@ fn response_tool_calls_and_stop_reasons() {
         let r = chat_to_messages_response(&json!({"choices": [c]}), "m");
         (r["stop_reason"].clone(), r["stop_sequence"].clone())
     };
-    assert_eq!(reason(json!("length"), json!({})), (json!("max_tokens"), Value::Null));
-    assert_eq!(reason(json!("content_filter"), json!({})), (json!("refusal"), Value::Null));
-    assert_eq!(reason(json!("stop"), json!({})), (json!("end_turn"), Value::Null));
+    assert_eq!(
+        reason(json!("length"), json!({})),
+        (json!("max_tokens"), Value::Null)
+    );
+    assert_eq!(
+        reason(json!("content_filter"), json!({})),
+        (json!("refusal"), Value::Null)
+    );
+    assert_eq!(
+        reason(json!("stop"), json!({})),
+        (json!("end_turn"), Value::Null)
+    );
     assert_eq!(
         reason(json!("stop"), json!({"stop_reason": "END"})),
         (json!("stop_sequence"), json!("END"))
@@ -386,7 +454,10 @@ fn session_id_from_metadata() {
     let legacy = json!({"metadata": {"user_id": "user_abc_account_123_session_9f1e"}});
     assert_eq!(session_id(&legacy).as_deref(), Some("9f1e"));
     assert_eq!(session_id(&json!({"metadata": {"user_id": "alice"}})), None);
-    assert_eq!(session_id(&json!({"metadata": {"user_id": "{bad json"}})), None);
+    assert_eq!(
+        session_id(&json!({"metadata": {"user_id": "{bad json"}})),
+        None
+    );
     assert_eq!(session_id(&json!({})), None);
 }
 
@@ -407,7 +478,8 @@ fn newest_human_text_skips_tool_results_and_reminders() {
 }
 
 fn fixture() -> Value {
-    let raw = include_str!("../../../tests/fixtures/agent-requests/claude-code-2.1.328-messages.json");
+    let raw =
+        include_str!("../../../tests/fixtures/agent-requests/claude-code-2.1.328-messages.json");
     let v: Value = serde_json::from_str(raw).unwrap();
     v["body"].clone()
 }
@@ -444,7 +516,10 @@ fn claude_code_request_translates() {
     assert_eq!(tools.len(), 12);
     assert!(tools.iter().all(|t| t["type"] == "function"));
     assert_eq!(tools[1]["function"]["name"], "Bash");
-    assert_eq!(tools[1]["function"]["parameters"]["required"], json!(["command"]));
+    assert_eq!(
+        tools[1]["function"]["parameters"]["required"],
+        json!(["command"])
+    );
     assert_eq!(
         tools[1]["function"]["parameters"],
         body["tools"][1]["input_schema"]
@@ -477,5 +552,8 @@ fn claude_code_request_translates() {
     // (12 tool schemas) weighs: about a quarter of the JSON's bytes.
     let n = count_tokens(&body).unwrap();
     let bytes = body.to_string().len() as u64;
-    assert!(n > bytes / 8 && n < bytes / 2, "{n} tokens for {bytes} bytes");
+    assert!(
+        n > bytes / 8 && n < bytes / 2,
+        "{n} tokens for {bytes} bytes"
+    );
 }
