@@ -150,7 +150,7 @@ pub fn chat_to_messages_request_with_drops(
         out.insert("metadata".into(), json!({"user_id": u}));
     }
 
-    let has_tools = tools_to_messages(req, &mut out)?;
+    let has_tools = tools_to_messages(req, &mut out, &mut drops)?;
     tool_choice_to_messages(req, has_tools, &mut out)?;
     reasoning_to_thinking(req, max_tokens, &mut out, &mut drops)?;
 
@@ -196,6 +196,9 @@ fn convert_messages(
     for (i, m) in messages.iter().enumerate() {
         let path = format!("messages[{i}]");
         let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        if m.get("name").is_some() {
+            drops.add("messages[].name");
+        }
         let (role, blocks) = match role {
             "system" | "developer" => {
                 let t = chat_text(m.get("content"), &format!("{path}.content"))?;
@@ -206,7 +209,7 @@ fn convert_messages(
             }
             "user" => (
                 "user",
-                user_blocks(m.get("content"), &format!("{path}.content"))?,
+                user_blocks(m.get("content"), &format!("{path}.content"), drops)?,
             ),
             "assistant" => ("assistant", assistant_blocks(m, &path, drops)?),
             "tool" => {
@@ -289,7 +292,11 @@ fn chat_text(c: Option<&Value>, path: &str) -> Result<String, ProtocolError> {
     }
 }
 
-fn user_blocks(c: Option<&Value>, path: &str) -> Result<Vec<Value>, ProtocolError> {
+fn user_blocks(
+    c: Option<&Value>,
+    path: &str,
+    drops: &mut Drops,
+) -> Result<Vec<Value>, ProtocolError> {
     match c {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![json!({"type": "text", "text": s})]),
@@ -300,7 +307,12 @@ fn user_blocks(c: Option<&Value>, path: &str) -> Result<Vec<Value>, ProtocolErro
                 let pp = format!("{path}[{j}]");
                 match type_of(p) {
                     Some("text") => Ok(json!({"type": "text", "text": p.get("text").and_then(Value::as_str).unwrap_or("")})),
-                    Some("image_url") => image_block(p, &pp),
+                    Some("image_url") => {
+                        if p.pointer("/image_url/detail").is_some() {
+                            drops.add("messages[].content[].image_url.detail");
+                        }
+                        image_block(p, &pp)
+                    }
                     Some(t) => Err(ProtocolError::new(
                         format!("{pp}.type"),
                         format!("content parts of type `{t}` cannot be sent to this model's upstream"),
@@ -386,6 +398,7 @@ fn assistant_blocks(m: &Value, path: &str, drops: &mut Drops) -> Result<Vec<Valu
 fn tools_to_messages(
     req: &Map<String, Value>,
     out: &mut Map<String, Value>,
+    drops: &mut Drops,
 ) -> Result<bool, ProtocolError> {
     let Some(tools) = req.get("tools").and_then(Value::as_array) else {
         return Ok(false);
@@ -403,6 +416,9 @@ fn tools_to_messages(
             .and_then(|f| f.get("name"))
             .and_then(Value::as_str)
             .ok_or_else(|| ProtocolError::new(format!("tools[{i}].function.name"), "required"))?;
+        if f.and_then(|f| f.get("strict")).is_some() {
+            drops.add("tools[].function.strict");
+        }
         let mut tool = Map::new();
         tool.insert("name".into(), json!(name));
         if let Some(d) = f.and_then(|f| f.get("description")).and_then(Value::as_str) {

@@ -79,6 +79,7 @@ fn tools_and_tool_choice() {
         }
         ok(b).body
     };
+    assert_eq!(ok(base.clone()).dropped, vec!["tools[].function.strict"]);
     let b = with(json!({}));
     assert_eq!(
         b["tools"],
@@ -135,6 +136,7 @@ fn images_become_base64_or_url_sources() {
             {"type": "image", "source": {"type": "url", "url": "https://example.com/b.jpg"}},
         ])
     );
+    assert_eq!(t.dropped, vec!["messages[].content[].image_url.detail"]);
     let e = chat_to_messages_request(
         &json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}),
         "m",
@@ -322,4 +324,89 @@ fn anthropic_usage_bills_each_token_class_once() {
         (7, 0, 0)
     );
     assert_eq!(usage_from_messages(&json!({"output_tokens": 1})), None);
+}
+
+#[test]
+fn messages_request_survives_a_round_trip_through_chat() {
+    // Ingress then egress: what an Anthropic client sends reaches an
+    // Anthropic upstream with the same conversation structure.
+    let original = json!({"model": "claude-x", "max_tokens": 2048, "system": "Be brief.",
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"},
+                {"type": "text", "text": "Thanks"},
+            ]},
+        ],
+        "tools": [{"name": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "tool_choice": {"type": "auto"}, "stop_sequences": ["END"], "temperature": 0.5});
+    let chat = super::super::messages_to_chat(&original).unwrap();
+    let back = chat_to_messages_request(&chat, "claude-x").unwrap();
+    assert_eq!(back["system"], "Be brief.");
+    assert_eq!(back["max_tokens"], 2048);
+    assert_eq!(back["stop_sequences"], json!(["END"]));
+    assert_eq!(back["temperature"], 0.5);
+    assert_eq!(back["tool_choice"], json!({"type": "auto"}));
+    assert_eq!(back["tools"], original["tools"]);
+    assert_eq!(
+        back["messages"],
+        json!([
+            {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"},
+                {"type": "text", "text": "Thanks"},
+            ]},
+        ])
+    );
+}
+
+mod props {
+    use super::super::super::{messages_to_chat, ChatToMessagesStream, MessagesToChatStream};
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<u32>().prop_map(|n| json!(n)),
+            "(user|assistant|system|text|image|tool_use|tool_result|thinking|document|auto|any|tool|[a-z]{0,6})"
+                .prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    "(model|messages|role|content|type|text|tools|tool_choice|system|max_tokens|input|id|name|source|choices|delta|tool_calls|index|function|arguments|usage|error|message)",
+                    inner,
+                    0..5
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn translations_never_panic(v in json_value()) {
+            let _ = messages_to_chat(&v);
+            let _ = chat_to_messages_request(&v, "m");
+            let _ = messages_response_to_chat(&v);
+            let _ = super::super::super::chat_to_messages_response(&v, "m");
+            let _ = super::super::super::count_tokens(&v);
+            let mut a = ChatToMessagesStream::new("m", None);
+            let _ = a.push(&v);
+            let _ = a.finish();
+            let mut b = MessagesToChatStream::new(true);
+            let _ = b.push(&v);
+        }
+    }
 }
