@@ -139,6 +139,7 @@ pub fn messages_to_chat_with_drops(body: &Value) -> Result<Translated, ProtocolE
     let has_tools = tools_to_chat(req, &mut out, &mut drops)?;
     tool_choice_to_chat(req, has_tools, &mut out, &mut drops)?;
     thinking_to_chat(req, &mut out, &mut drops)?;
+    format_to_chat(req, &mut out)?;
 
     if let Some(servers) = req.get("mcp_servers").and_then(Value::as_array) {
         if !servers.is_empty() {
@@ -163,6 +164,7 @@ pub fn messages_to_chat_with_drops(body: &Value) -> Result<Translated, ProtocolE
         "tool_choice",
         "thinking",
         "output_config",
+        "output_format",
         "mcp_servers",
     ];
     for k in req.keys() {
@@ -644,7 +646,7 @@ fn thinking_to_chat(
     let effort = req.get("output_config").and_then(|o| o.get("effort"));
     if let Some(oc) = req.get("output_config").and_then(Value::as_object) {
         for k in oc.keys() {
-            if k != "effort" {
+            if k != "effort" && k != "format" {
                 drops.add(format!("output_config.{k}"));
             }
         }
@@ -707,6 +709,45 @@ fn thinking_to_chat(
         out.insert("reasoning_effort".into(), json!(l));
     }
     Ok(())
+}
+
+/// Structured output (`output_config.format`, or the older beta's top-level
+/// `output_format`) → `response_format: json_schema`. Dropping it would
+/// return prose to a client that parses JSON.
+fn format_to_chat(
+    req: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+) -> Result<(), ProtocolError> {
+    let (path, format) = match (
+        req.get("output_config").and_then(|o| o.get("format")),
+        req.get("output_format"),
+    ) {
+        (Some(f), _) if !f.is_null() => ("output_config.format", f),
+        (_, Some(f)) if !f.is_null() => ("output_format", f),
+        _ => return Ok(()),
+    };
+    match type_of(format) {
+        Some("json_schema") => {
+            let schema = format
+                .get("schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| {
+                    ProtocolError::new(
+                        format!("{path}.schema"),
+                        "Field required: a JSON schema object",
+                    )
+                })?;
+            out.insert(
+                "response_format".into(),
+                json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": true}}),
+            );
+            Ok(())
+        }
+        _ => Err(ProtocolError::new(
+            format!("{path}.type"),
+            "must be `json_schema`",
+        )),
+    }
 }
 
 /// Chat completion → Anthropic Message, named with the model the client asked for.

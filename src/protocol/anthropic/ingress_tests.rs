@@ -301,6 +301,34 @@ fn thinking_maps_to_reasoning_effort() {
 }
 
 #[test]
+fn structured_output_becomes_a_json_schema_response_format() {
+    let schema =
+        json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]});
+    for field in ["output_config", "output_format"] {
+        let format = json!({"type": "json_schema", "schema": schema});
+        let mut body =
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]});
+        body[field] = if field == "output_config" {
+            json!({"format": format})
+        } else {
+            format
+        };
+        let t = ok(body);
+        assert_eq!(
+            t.body["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": true}}),
+            "{field}"
+        );
+        assert!(t.dropped.is_empty(), "{field}: {:?}", t.dropped);
+    }
+    let e = err(
+        json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+        "output_config": {"format": {"type": "json_schema"}}}),
+    );
+    assert_eq!(e.param, "output_config.format.schema");
+}
+
+#[test]
 fn errors_name_the_field() {
     let cases = [
         (json!([]), "body"),
