@@ -9,6 +9,10 @@ pub struct Usage {
     pub completion_tokens: u64,
     /// Part of `prompt_tokens` served from the provider's prompt cache.
     pub cached_tokens: u64,
+    /// Part of `prompt_tokens` written to the provider's prompt cache
+    /// (Anthropic bills these above the input price; OpenAI reports none).
+    #[serde(default)]
+    pub cache_write_tokens: u64,
     /// True when counted by our estimate rather than reported by the provider.
     pub estimated: bool,
 }
@@ -28,6 +32,7 @@ impl Usage {
         self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
         self.cached_tokens = self.cached_tokens.saturating_add(o.cached_tokens);
+        self.cache_write_tokens = self.cache_write_tokens.saturating_add(o.cache_write_tokens);
         self.estimated |= o.estimated;
     }
 
@@ -44,6 +49,7 @@ impl Usage {
                 prompt_tokens: n("/prompt_tokens"),
                 completion_tokens: n("/completion_tokens"),
                 cached_tokens: n("/prompt_tokens_details/cached_tokens"),
+                cache_write_tokens: 0,
                 estimated: false,
             }
         })
@@ -64,6 +70,7 @@ impl Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cached_tokens: cached.min(prompt),
+            cache_write_tokens: 0,
             estimated: false,
         })
     }
@@ -123,6 +130,7 @@ mod tests {
                 prompt_tokens: 10,
                 completion_tokens: 5,
                 cached_tokens: 4,
+                cache_write_tokens: 0,
                 estimated: false
             })
         );

@@ -88,6 +88,7 @@ pub fn decode(b: &[u8]) -> Option<Entry> {
         prompt_tokens: r.u64()?,
         completion_tokens: r.u64()?,
         cached_tokens: r.u64()?,
+        cache_write_tokens: 0,
         estimated: false,
     };
     let stored_at = UNIX_EPOCH + Duration::from_millis(r.u64()?);
@@ -197,6 +198,7 @@ mod tests {
             prompt_tokens: 7,
             completion_tokens: 3,
             cached_tokens: 1,
+            cache_write_tokens: 0,
             estimated: false,
         };
         for chunks in [

@@ -229,6 +229,7 @@ async fn modes_refresh_and_bypass() {
             prompt_tokens: 5,
             completion_tokens: 7,
             cached_tokens: 2,
+            cache_write_tokens: 0,
             estimated: false,
         }
     );

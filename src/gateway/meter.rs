@@ -116,6 +116,7 @@ impl Meter {
                 prompt_tokens: prompt.saturating_mul(u64::from(calls.max(1))),
                 completion_tokens: 0,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: true,
             };
             Some((m.model.clone(), u))

@@ -88,6 +88,7 @@ fn reservation(req: &PassRequest, plan: &Plan, prompt: u64) -> u64 {
                 prompt_tokens: reserved_prompt_tokens(prompt),
                 completion_tokens: out,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: true,
             };
             cost_of(&c.model, &u)
@@ -198,6 +199,7 @@ async fn whole(d: Dispatched, meter: Meter, prompt: u64) -> Result<Body, Gateway
         prompt_tokens: prompt,
         completion_tokens: 0,
         cached_tokens: 0,
+        cache_write_tokens: 0,
         estimated: true,
     });
     let mut bill = Bill::default();

@@ -191,6 +191,7 @@ pub fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
                     prompt_tokens: reserved_prompt,
                     completion_tokens: out.saturating_mul(u64::from(chat.n)),
                     cached_tokens: 0,
+                    cache_write_tokens: 0,
                     estimated: true,
                 };
                 cost_of(m, &u)
@@ -218,6 +219,7 @@ pub fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
                 prompt_tokens: reserved_prompt + u64::from(v.cfg.n) * j.max_output_tokens,
                 completion_tokens: 64,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: true,
             };
             t = t.saturating_add(cost_of(j, &u));
@@ -292,6 +294,7 @@ pub fn router_worst_case(
                 prompt_tokens: reserved_prompt + 300,
                 completion_tokens: 20,
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 estimated: true,
             };
             cost_of(m, &u)

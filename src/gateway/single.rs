@@ -409,6 +409,7 @@ fn estimate_usage(chat: &ChatRequest, body: &[u8]) -> Usage {
         prompt_tokens: chat.features.prompt_tokens,
         completion_tokens: completion,
         cached_tokens: 0,
+        cache_write_tokens: 0,
         estimated: true,
     }
 }

@@ -206,6 +206,7 @@ impl SseForwarder {
             prompt_tokens: self.prompt_estimate,
             completion_tokens: self.completion_estimate,
             cached_tokens: 0,
+            cache_write_tokens: 0,
             estimated: true,
         });
         cb(StreamEnd {

@@ -4,6 +4,7 @@
 //! responses and streams. Errors here carry no status: the edge that speaks
 //! the protocol decides how to render them.
 
+pub mod anthropic;
 pub mod openai;
 pub mod sse;
 

@@ -28,6 +28,7 @@ fn ok(content: &str, completion_tokens: u64) -> CallResult {
             prompt_tokens: 10,
             completion_tokens,
             cached_tokens: 2,
+            cache_write_tokens: 0,
             estimated: false,
         },
     }
@@ -134,6 +135,7 @@ async fn unanimous_quorum_cancels_two() {
             prompt_tokens: 30,
             completion_tokens: 6,
             cached_tokens: 6,
+            cache_write_tokens: 0,
             estimated: false,
         }
     );
