@@ -14,6 +14,7 @@ pub mod config;
 pub mod guard;
 pub mod limits;
 pub mod metrics;
+pub mod protocol;
 pub mod route;
 pub mod server;
 pub mod store;
