@@ -45,8 +45,11 @@ const HOSTED_TOOL_CHOICES: &[&str] = &[
     "apply_patch",
 ];
 
+/// Builds the value the real API reports for a field the request left out.
+type EchoDefault = fn() -> Value;
+
 /// Request fields the Response object echoes, with the values the real API reports when absent.
-const ECHOED: &[(&str, fn() -> Value)] = &[
+const ECHOED: &[(&str, EchoDefault)] = &[
     ("instructions", || Value::Null),
     ("max_output_tokens", || Value::Null),
     ("metadata", || json!({})),
@@ -241,7 +244,12 @@ fn collect_tools(body: &Value) -> Result<Vec<ToolDef>, ProtocolError> {
     if let Some(items) = body.get("input").and_then(Value::as_array) {
         for item in items {
             if str_field(item, "type") == Some("additional_tools") {
-                raw.extend(item.get("tools").and_then(Value::as_array).into_iter().flatten());
+                raw.extend(
+                    item.get("tools")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten(),
+                );
             }
         }
     }
@@ -251,7 +259,12 @@ fn collect_tools(body: &Value) -> Result<Vec<ToolDef>, ProtocolError> {
     for t in raw {
         if str_field(t, "type") == Some("namespace") {
             let ns_name = str_field(t, "name").unwrap_or_default().to_owned();
-            for inner in t.get("tools").and_then(Value::as_array).into_iter().flatten() {
+            for inner in t
+                .get("tools")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 flat.push((Some(ns_name.clone()), inner));
             }
         } else {
@@ -261,7 +274,9 @@ fn collect_tools(body: &Value) -> Result<Vec<ToolDef>, ProtocolError> {
 
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for (_, t) in &flat {
-        *counts.entry(str_field(t, "name").unwrap_or_default()).or_default() += 1;
+        *counts
+            .entry(str_field(t, "name").unwrap_or_default())
+            .or_default() += 1;
     }
     let mut defs = Vec::with_capacity(flat.len());
     for (ns, t) in &flat {
@@ -539,7 +554,10 @@ impl<'a> Conversation<'a> {
             // Reasoning is the upstream model's own and (encrypted or not) means nothing to
             // another model; tool definitions were already collected.
             "reasoning" | "additional_tools" => Ok(()),
-            "" => Err(ProtocolError::invalid("input", "an input item has no `type`")),
+            "" => Err(ProtocolError::invalid(
+                "input",
+                "an input item has no `type`",
+            )),
             other => Err(ProtocolError::invalid(
                 "input",
                 format!(

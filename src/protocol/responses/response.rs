@@ -2,8 +2,8 @@
 
 use serde_json::{json, Map, Value};
 
-use super::request::{RequestFacts, ToolKind};
 use super::new_id;
+use super::request::{RequestFacts, ToolKind};
 use crate::usage::Usage;
 
 /// Translates a (non-streamed) chat completion into a Response object.
@@ -235,11 +235,11 @@ mod tests {
         responses_to_chat(&body, None).unwrap();
         let f = facts(body);
         let chat = json!({"model": "m", "choices": [{"finish_reason": "tool_calls", "message": {
-            "role": "assistant", "content": null, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\":1}"}},
-                {"id": "call_2", "type": "function", "function": {"name": "exec", "arguments": "{\"input\":\"ls -la\"}"}},
-                {"id": "call_3", "type": "function", "function": {"name": "unknown_fn", "arguments": "{}"}}
-            ]}}]});
+        "role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\":1}"}},
+            {"id": "call_2", "type": "function", "function": {"name": "exec", "arguments": "{\"input\":\"ls -la\"}"}},
+            {"id": "call_3", "type": "function", "function": {"name": "unknown_fn", "arguments": "{}"}}
+        ]}}]});
         let r = chat_to_response(&chat, &f);
         let out = r["output"].as_array().unwrap();
         assert_eq!(out.len(), 3, "{r:#}");

@@ -70,17 +70,17 @@ fn message_items_map_roles_and_parts() {
 #[test]
 fn function_call_round_trip_groups_calls_into_one_assistant_message() {
     let c = chat(json!({"model": "m",
-        "tools": [{"type": "function", "name": "get_weather", "description": "Weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": true}],
-        "input": [
-            {"role": "user", "content": "Weather in Paris and Rome?"},
-            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},
-            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
-            {"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
-            {"type": "function_call", "id": "fc_2", "call_id": "call_b", "name": "get_weather", "arguments": "{\"city\":\"Rome\"}"},
-            {"type": "function_call_output", "call_id": "call_a", "output": "18C"},
-            {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "21C"}]},
-        ]}));
+    "tools": [{"type": "function", "name": "get_weather", "description": "Weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": true}],
+    "input": [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+        {"type": "function_call", "id": "fc_2", "call_id": "call_b", "name": "get_weather", "arguments": "{\"city\":\"Rome\"}"},
+        {"type": "function_call_output", "call_id": "call_a", "output": "18C"},
+        {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "21C"}]},
+    ]}));
     assert_eq!(
         c["messages"],
         json!([
@@ -103,13 +103,13 @@ fn function_call_round_trip_groups_calls_into_one_assistant_message() {
 #[test]
 fn custom_tools_become_one_string_functions() {
     let c = chat(json!({"model": "m",
-        "tools": [{"type": "custom", "name": "exec", "description": "Run code",
-            "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}],
-        "input": [
-            {"role": "user", "content": "list files"},
-            {"type": "custom_tool_call", "call_id": "c1", "name": "exec", "input": "ls\n-la"},
-            {"type": "custom_tool_call_output", "call_id": "c1", "output": "a.txt"},
-        ]}));
+    "tools": [{"type": "custom", "name": "exec", "description": "Run code",
+        "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}],
+    "input": [
+        {"role": "user", "content": "list files"},
+        {"type": "custom_tool_call", "call_id": "c1", "name": "exec", "input": "ls\n-la"},
+        {"type": "custom_tool_call_output", "call_id": "c1", "output": "a.txt"},
+    ]}));
     let f = &c["tools"][0]["function"];
     assert_eq!(f["name"], "exec");
     assert_eq!(f["description"], "Run code");
@@ -118,12 +118,18 @@ fn custom_tools_become_one_string_functions() {
     let desc = f["parameters"]["properties"]["input"]["description"]
         .as_str()
         .unwrap();
-    assert!(desc.contains("lark grammar") && desc.contains("start: /.+/"), "{desc}");
+    assert!(
+        desc.contains("lark grammar") && desc.contains("start: /.+/"),
+        "{desc}"
+    );
     assert_eq!(
         c["messages"][1]["tool_calls"][0]["function"],
         json!({"name": "exec", "arguments": "{\"input\":\"ls\\n-la\"}"})
     );
-    assert_eq!(c["messages"][2], json!({"role": "tool", "tool_call_id": "c1", "content": "a.txt"}));
+    assert_eq!(
+        c["messages"][2],
+        json!({"role": "tool", "tool_call_id": "c1", "content": "a.txt"})
+    );
 }
 
 #[test]
@@ -147,7 +153,10 @@ fn namespaced_tools_keep_plain_names_unless_they_clash() {
         .map(|t| t["function"]["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["a__wait", "only_a", "b__wait"]);
-    assert_eq!(c["messages"][1]["tool_calls"][0]["function"]["name"], "b__wait");
+    assert_eq!(
+        c["messages"][1]["tool_calls"][0]["function"]["name"],
+        "b__wait"
+    );
     let facts = RequestFacts::from_request(&body);
     assert_eq!(
         facts.origin("b__wait"),
@@ -157,18 +166,28 @@ fn namespaced_tools_keep_plain_names_unless_they_clash() {
             name: "wait".into()
         })
     );
-    assert_eq!(facts.origin("only_a").unwrap().namespace.as_deref(), Some("a"));
+    assert_eq!(
+        facts.origin("only_a").unwrap().namespace.as_deref(),
+        Some("a")
+    );
 }
 
 #[test]
 fn builtin_tools_are_refused_by_name() {
-    for ty in ["web_search", "file_search", "computer_use_preview", "code_interpreter", "mcp"] {
+    for ty in [
+        "web_search",
+        "file_search",
+        "computer_use_preview",
+        "code_interpreter",
+        "mcp",
+    ] {
         let e = refused(json!({"model": "m", "input": "x", "tools": [{"type": ty}]}));
         assert_eq!(e.status, 400);
         assert_eq!(e.param.as_deref(), Some("tools"));
         assert!(e.message.contains(&format!("`{ty}`")), "{}", e.message);
     }
-    let e = refused(json!({"model": "m", "input": "x", "tool_choice": {"type": "web_search_preview"}}));
+    let e =
+        refused(json!({"model": "m", "input": "x", "tool_choice": {"type": "web_search_preview"}}));
     assert!(e.message.contains("web_search_preview") && e.message.contains("built-in"));
     assert_eq!(e.to_json()["error"]["type"], "invalid_request_error");
     assert_eq!(e.to_json()["error"]["param"], "tool_choice");
@@ -178,27 +197,36 @@ fn builtin_tools_are_refused_by_name() {
 fn tool_choice_and_parallel_calls() {
     let tools = json!([{"type": "function", "name": "f", "parameters": {"type": "object"}},
         {"type": "function", "name": "g", "parameters": {"type": "object"}}]);
-    let c = chat(json!({"model": "m", "input": "x", "tools": tools, "tool_choice": "required",
-        "parallel_tool_calls": false}));
+    let c = chat(
+        json!({"model": "m", "input": "x", "tools": tools, "tool_choice": "required",
+        "parallel_tool_calls": false}),
+    );
     assert_eq!(c["tool_choice"], "required");
     assert_eq!(c["parallel_tool_calls"], false);
     let c = chat(json!({"model": "m", "input": "x", "tools": tools,
         "tool_choice": {"type": "function", "name": "g"}}));
-    assert_eq!(c["tool_choice"], json!({"type": "function", "function": {"name": "g"}}));
+    assert_eq!(
+        c["tool_choice"],
+        json!({"type": "function", "function": {"name": "g"}})
+    );
     let c = chat(json!({"model": "m", "input": "x", "tools": tools,
         "tool_choice": {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "g"}]}}));
     assert_eq!(c["tool_choice"], "required");
     assert_eq!(c["tools"].as_array().unwrap().len(), 1);
     assert_eq!(c["tools"][0]["function"]["name"], "g");
     // Chat upstreams reject tool settings without tools.
-    let c = chat(json!({"model": "m", "input": "x", "tool_choice": "auto", "parallel_tool_calls": true}));
+    let c = chat(
+        json!({"model": "m", "input": "x", "tool_choice": "auto", "parallel_tool_calls": true}),
+    );
     assert!(c.get("tool_choice").is_none() && c.get("parallel_tool_calls").is_none());
 }
 
 #[test]
 fn text_format_becomes_response_format() {
-    let c = chat(json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema",
-        "name": "person", "strict": true, "schema": {"type": "object", "properties": {"n": {"type": "string"}}}}}}));
+    let c = chat(
+        json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema",
+        "name": "person", "strict": true, "schema": {"type": "object", "properties": {"n": {"type": "string"}}}}}}),
+    );
     assert_eq!(
         c["response_format"],
         json!({"type": "json_schema", "json_schema": {"name": "person", "strict": true,
@@ -206,9 +234,13 @@ fn text_format_becomes_response_format() {
     );
     let c = chat(json!({"model": "m", "input": "x", "text": {"format": {"type": "json_object"}}}));
     assert_eq!(c["response_format"], json!({"type": "json_object"}));
-    let c = chat(json!({"model": "m", "input": "x", "text": {"format": {"type": "text"}, "verbosity": "low"}}));
+    let c = chat(
+        json!({"model": "m", "input": "x", "text": {"format": {"type": "text"}, "verbosity": "low"}}),
+    );
     assert!(c.get("response_format").is_none());
-    let e = refused(json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}));
+    let e = refused(
+        json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}),
+    );
     assert_eq!(e.param.as_deref(), Some("text.format.schema"));
 }
 
@@ -243,7 +275,10 @@ fn tool_output_images_follow_the_tool_results_as_a_user_message() {
             {"type": "input_text", "text": "took it"},
             {"type": "input_image", "image_url": "https://x/y.png"}]},
     ]}));
-    assert_eq!(c["messages"][2], json!({"role": "tool", "tool_call_id": "c1", "content": "took it"}));
+    assert_eq!(
+        c["messages"][2],
+        json!({"role": "tool", "tool_call_id": "c1", "content": "took it"})
+    );
     assert_eq!(
         c["messages"][3],
         json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]})
@@ -262,8 +297,10 @@ fn unsupported_inputs_are_refused_not_dropped() {
     let e = refused(json!({"model": "m", "input": [{"role": "user", "content": [
         {"type": "input_file", "file_id": "file-1"}]}]}));
     assert!(e.message.contains("file_data"));
-    let e = refused(json!({"model": "m", "input": [{"role": "system", "content": [
-        {"type": "input_image", "image_url": "https://x"}]}]}));
+    let e = refused(
+        json!({"model": "m", "input": [{"role": "system", "content": [
+        {"type": "input_image", "image_url": "https://x"}]}]}),
+    );
     assert!(e.message.contains("input_image"));
     let e = refused(json!({"model": "m", "input": "x", "background": true}));
     assert_eq!(e.param.as_deref(), Some("background"));
@@ -314,9 +351,18 @@ fn newest_human_text_skips_tool_output_and_assistant() {
         {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "c", "output": "tool text"},
     ]});
-    assert_eq!(newest_human_text(&body).as_deref(), Some("second\nquestion"));
-    assert_eq!(newest_human_text(&json!({"input": "plain"})).as_deref(), Some("plain"));
-    assert_eq!(newest_human_text(&json!({"input": [{"role": "developer", "content": "d"}]})), None);
+    assert_eq!(
+        newest_human_text(&body).as_deref(),
+        Some("second\nquestion")
+    );
+    assert_eq!(
+        newest_human_text(&json!({"input": "plain"})).as_deref(),
+        Some("plain")
+    );
+    assert_eq!(
+        newest_human_text(&json!({"input": [{"role": "developer", "content": "d"}]})),
+        None
+    );
 }
 
 #[test]
@@ -335,7 +381,9 @@ fn stored_items_continue_a_conversation() {
     let items = input_items(&json!({"input": "hi"}));
     assert_eq!(
         items,
-        vec![json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]})]
+        vec![
+            json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]})
+        ]
     );
     let resp = json!({"output": [{"type": "message", "role": "assistant",
         "content": [{"type": "output_text", "text": "hello"}]}]});
@@ -343,5 +391,8 @@ fn stored_items_continue_a_conversation() {
     assert_eq!(conv.len(), 2);
     let c = responses_to_chat(&json!({"model": "m", "input": "again"}), Some(&conv)).unwrap();
     assert_eq!(c["messages"].as_array().unwrap().len(), 3);
-    assert_eq!(c["messages"][1], json!({"role": "assistant", "content": "hello"}));
+    assert_eq!(
+        c["messages"][1],
+        json!({"role": "assistant", "content": "hello"})
+    );
 }
