@@ -46,11 +46,7 @@ impl StoredResponse {
     /// The conversation a request continuing this response starts from: its input, then its
     /// output.
     pub fn conversation(&self) -> Vec<Value> {
-        let mut items = self.input_items.clone();
-        if let Some(out) = self.response.get("output").and_then(Value::as_array) {
-            items.extend(out.iter().cloned());
-        }
-        items
+        crate::protocol::responses::continuation_items(&self.input_items, &self.response)
     }
 }
 

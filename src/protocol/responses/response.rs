@@ -20,6 +20,10 @@ pub fn chat_to_response(chat: &Value, facts: &RequestFacts) -> Value {
         .and_then(|m| m.get("refusal"))
         .and_then(Value::as_str)
         .filter(|t| !t.is_empty());
+    let finish = choice
+        .and_then(|c| c.get("finish_reason"))
+        .and_then(Value::as_str);
+    let (status, incomplete) = status_for(finish);
     if text.is_some() || refusal.is_some() {
         let mut content = Vec::new();
         if let Some(t) = text {
@@ -31,7 +35,7 @@ pub fn chat_to_response(chat: &Value, facts: &RequestFacts) -> Value {
         output.push(json!({
             "id": new_id("msg"),
             "type": "message",
-            "status": "completed",
+            "status": status,
             "role": "assistant",
             "content": content,
         }));
@@ -61,11 +65,7 @@ pub fn chat_to_response(chat: &Value, facts: &RequestFacts) -> Value {
         ));
     }
 
-    let finish = choice
-        .and_then(|c| c.get("finish_reason"))
-        .and_then(Value::as_str);
     let mut resp = response_object(facts, chat.get("model").and_then(Value::as_str));
-    let (status, incomplete) = status_for(finish);
     resp["status"] = json!(status);
     resp["incomplete_details"] = incomplete;
     resp["output"] = Value::Array(output);
@@ -164,9 +164,15 @@ pub fn usage_json(chat_usage: &Value) -> Value {
         .pointer("/completion_tokens_details/reasoning_tokens")
         .and_then(Value::as_u64)
         .unwrap_or(0);
+    // Chat usage has no cache writes unless a translating upstream adds them; the field is
+    // required by the Responses schema.
+    let cache_write = chat_usage
+        .pointer("/prompt_tokens_details/cache_write_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     json!({
         "input_tokens": u.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": u.cached_tokens},
+        "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": cache_write},
         "output_tokens": u.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning.min(u.completion_tokens)},
         "total_tokens": u.total(),
@@ -219,7 +225,7 @@ mod tests {
         assert_eq!(out[0]["content"][0]["annotations"], json!([]));
         assert_eq!(
             r["usage"],
-            json!({"input_tokens": 12, "input_tokens_details": {"cached_tokens": 8},
+            json!({"input_tokens": 12, "input_tokens_details": {"cached_tokens": 8, "cache_write_tokens": 0},
                    "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 2},
                    "total_tokens": 17})
         );
@@ -267,6 +273,7 @@ mod tests {
         let r = chat_to_response(&chat, &f);
         assert_eq!(r["status"], "incomplete");
         assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
+        assert_eq!(r["output"][0]["status"], "incomplete");
         assert_eq!(r["max_output_tokens"], 5);
         assert_eq!(r["model"], "m", "no upstream model: the requested one");
         let chat = json!({"choices": [{"finish_reason": "content_filter",

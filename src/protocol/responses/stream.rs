@@ -357,7 +357,12 @@ impl ChatToResponsesStream {
         let Some(m) = self.message.take() else {
             return;
         };
-        let item = json!({"id": m.item_id, "type": "message", "status": "completed",
+        // Text cut off by the token cap is an incomplete message, as the real API reports it.
+        let status = match status_for(self.finish_reason.as_deref()).0 {
+            "incomplete" => "incomplete",
+            _ => "completed",
+        };
+        let item = json!({"id": m.item_id, "type": "message", "status": status,
             "role": "assistant", "content": m.parts});
         self.output[m.output_index] = item.clone();
         self.emit(

@@ -288,6 +288,7 @@ fn length_stop_ends_with_response_incomplete() {
     );
     let (ev, last) = f.last().unwrap();
     assert_eq!(ev, "response.incomplete");
+    assert_eq!(last["response"]["output"][0]["status"], "incomplete");
     assert_eq!(
         last["response"]["incomplete_details"]["reason"],
         "max_output_tokens"
