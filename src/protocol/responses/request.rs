@@ -585,6 +585,11 @@ impl<'a> Conversation<'a> {
                 }
                 let a = self.assistant.get_or_insert_with(new_assistant);
                 match a.get_mut("content") {
+                    // Two assistant messages in a row (e.g. commentary, then an answer).
+                    Some(Value::String(s)) if !s.is_empty() && !text.is_empty() => {
+                        s.push_str("\n\n");
+                        s.push_str(&text);
+                    }
                     Some(Value::String(s)) => s.push_str(&text),
                     _ => {
                         a.insert("content".into(), Value::String(text));

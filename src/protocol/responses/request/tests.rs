@@ -396,3 +396,22 @@ fn stored_items_continue_a_conversation() {
         json!({"role": "assistant", "content": "hello"})
     );
 }
+
+#[test]
+fn consecutive_assistant_messages_stay_apart() {
+    let c = chat(json!({"model": "m", "input": [
+        {"role": "user", "content": "q"},
+        {"type": "message", "role": "assistant", "phase": "commentary",
+            "content": [{"type": "output_text", "text": "Looking."}]},
+        {"type": "message", "role": "assistant", "phase": "final_answer",
+            "content": [{"type": "output_text", "text": "Done."}]},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "r"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "After."}]},
+    ]}));
+    let m = c["messages"].as_array().unwrap();
+    assert_eq!(m[1]["content"], "Looking.\n\nDone.");
+    assert_eq!(m[1]["tool_calls"][0]["id"], "c");
+    assert_eq!(m[2]["role"], "tool");
+    assert_eq!(m[3], json!({"role": "assistant", "content": "After."}));
+}
