@@ -6,6 +6,7 @@
 
 pub mod anthropic;
 pub mod openai;
+pub mod responses;
 pub mod sse;
 
 /// A request body the protocol cannot accept.

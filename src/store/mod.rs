@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::limits::{Period, SubjectKind};
 
+pub mod responses;
 mod shared_redis;
 pub use shared_redis::SharedRedis;
 
