@@ -102,12 +102,26 @@ pub fn parse_source(
     };
     let (tree, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
-        let problems: Vec<Problem> = syntax.iter().map(|e| syntax_problem(&src, e)).collect();
+        let mut problems: Vec<Problem> = Vec::new();
+        for e in &syntax {
+            let p = syntax_problem(&src, e);
+            // A table written twice repeats its keys too; the table is the one problem.
+            let repeat = problems.iter().any(|q| {
+                q.message.starts_with("table [")
+                    && p.path.strip_prefix(q.path.as_str()).is_some_and(|r| r.starts_with('.'))
+            });
+            if !repeat {
+                problems.push(p);
+            }
+        }
         return Err(ConfigErrors::from_problems(&problems, &src));
     }
     let tree = tree.into_inner();
     let mut c = Collector::default();
     let raw = deserialize_all(&tree, &mut c);
+    // In file order, whatever order serde met them in.
+    c.problems
+        .sort_by_key(|p| p.span.as_ref().map_or(usize::MAX, |s| s.start));
     src.tree = Some(tree);
     let Some(raw) = raw else {
         return Err(ConfigErrors::from_problems(&c.problems, &src));
@@ -148,8 +162,12 @@ fn syntax_problem(src: &Source<'_>, e: &toml::de::Error) -> Problem {
         } else {
             format!("{table}.{key}")
         };
-        let what = if header_line { "table" } else { "key" };
-        (path.clone(), format!("duplicate {what} `{path}`"))
+        let message = if header_line {
+            format!("table [{path}] is defined twice")
+        } else {
+            format!("duplicate key `{key}`")
+        };
+        (path, message)
     } else {
         (table, e.message().to_string())
     };

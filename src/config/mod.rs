@@ -209,13 +209,12 @@ scope = \"galaxy\"
     fn duplicate_keys_and_tables_are_named() {
         let text = format!("{BASE}\n[server]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n[tiers.small]\nmodels = []\n");
         let errs = parse(&text).err().map(|e| e.errors).unwrap_or_default();
-        assert!(
-            errs.contains(&"server.listen: duplicate key `server.listen`".to_string()),
-            "{errs:?}"
-        );
-        assert!(
-            errs.contains(&"tiers.small: duplicate table `tiers.small`".to_string()),
-            "{errs:?}"
+        assert_eq!(
+            errs,
+            vec![
+                "server.listen: duplicate key `listen`".to_string(),
+                "tiers.small: table [tiers.small] is defined twice".to_string(),
+            ]
         );
     }
 
