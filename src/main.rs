@@ -360,7 +360,11 @@ fn spend(config: &std::path::Path, key: Option<&str>, period: &str) -> ExitCode 
             eprintln!(
                 "error: unknown key {k:?} (keys in {}: {})",
                 config.display(),
-                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
             );
             return ExitCode::FAILURE;
         }
@@ -374,7 +378,10 @@ fn spend(config: &std::path::Path, key: Option<&str>, period: &str) -> ExitCode 
         Ok(rows) => {
             outln!(
                 "{:<20} {:<12} {:>14} {:>10}",
-                "key", "period", "spent_usd", "requests"
+                "key",
+                "period",
+                "spent_usd",
+                "requests"
             );
             for r in rows {
                 outln!(

@@ -108,7 +108,9 @@ pub fn parse_source(
             // A table written twice repeats its keys too; the table is the one problem.
             let repeat = problems.iter().any(|q| {
                 q.message.starts_with("table [")
-                    && p.path.strip_prefix(q.path.as_str()).is_some_and(|r| r.starts_with('.'))
+                    && p.path
+                        .strip_prefix(q.path.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
             });
             if !repeat {
                 problems.push(p);
