@@ -2,6 +2,7 @@
 //! `tests/config_errors/NAME.toml` is checked by the real binary and its
 //! output compared with `NAME.out` (exit code on the first line).
 //! `UPDATE_GOLDEN=1 cargo test --test config_errors` rewrites the `.out` files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::Command;

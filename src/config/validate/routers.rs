@@ -283,8 +283,6 @@ pub(super) fn validate_when(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-
 pub(super) fn validate_classifiers(
     v: &mut Collector,
     raw: &RawConfig,
