@@ -306,3 +306,65 @@ fn the_listen_address_can_come_from_the_environment() {
     let (out, _) = text(&o);
     assert!(out.contains("TRIAGE_LISTEN"), "{out}");
 }
+
+#[tokio::test]
+async fn a_rejected_reload_is_located_and_says_the_environment_is_not_reread() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("triage.toml");
+    let good = std::fs::read_to_string(repo("config/triage.toml")).unwrap();
+    std::fs::write(&cfg, &good).unwrap();
+    let port = free_port();
+    let mut server = Server(
+        triage()
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("TRIAGE_LISTEN", format!("127.0.0.1:{port}"))
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not come up on TRIAGE_LISTEN"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(&cfg, format!("{good}\n[store]\nbogus_key = 1\n")).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    let mut logs = String::new();
+    server
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(logs.contains("config reload rejected"), "{logs}");
+    assert!(
+        logs.contains("store: table [store] is defined twice"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(
+            "environment variables (api_key_env, key_env) keep the values the process started with"
+        ),
+        "{logs}"
+    );
+}
