@@ -120,7 +120,8 @@ pub fn parse_source(
     }
     let tree = tree.into_inner();
     let mut c = Collector::default();
-    let raw = deserialize_all(&tree, &mut c);
+    let mut removed = Vec::new();
+    let raw = deserialize_all(&tree, &mut c, &mut removed);
     // In file order, whatever order serde met them in.
     c.problems
         .sort_by_key(|p| p.span.as_ref().map_or(usize::MAX, |s| s.start));
@@ -128,13 +129,29 @@ pub fn parse_source(
     let Some(raw) = raw else {
         return Err(ConfigErrors::from_problems(&c.problems, &src));
     };
+    // Validation still runs on what parsed, so a file with a typo also shows its
+    // other problems; but nothing about (or above) an entry that was dropped.
+    let schema = c.problems.len();
     let cfg = validate_into(raw, base_dir, env, secrets, &mut c);
+    let later = c.problems.split_off(schema);
+    c.problems.extend(later.into_iter().filter(|p| {
+        p.path.is_empty()
+            || !removed.iter().any(|r| {
+                under(&p.path, r) || under(r, &p.path) || (r == "auth" && p.path == "keys")
+            })
+    }));
     if c.has_errors() {
         return Err(ConfigErrors::from_problems(&c.problems, &src));
     }
     let mut cfg = cfg.ok_or_else(|| ConfigErrors::one("config is not valid"))?;
     cfg.warnings = c.warnings.iter().map(Problem::line).collect();
     Ok(cfg)
+}
+
+/// `path` is `root` or inside it (`a.b[0]` is inside `a.b`, `a.bc` is not).
+fn under(path: &str, root: &str) -> bool {
+    path.strip_prefix(root)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
 }
 
 /// A syntax error: toml's message, plus the key it is about where one can be named.
@@ -181,15 +198,19 @@ fn syntax_problem(src: &Source<'_>, e: &toml::de::Error) -> Problem {
 }
 
 /// Deserializes `RawConfig`, collecting every schema error instead of the first.
-fn deserialize_all(tree: &DeTable<'_>, c: &mut Collector) -> Option<RawConfig> {
+/// `removed` gets the path of every entry dropped on the way.
+fn deserialize_all(
+    tree: &DeTable<'_>,
+    c: &mut Collector,
+    removed_paths: &mut Vec<String>,
+) -> Option<RawConfig> {
     let mut work = tree.clone();
     // Entries removed after a type error: their "missing field" follow-up is noise.
     let mut removed: Vec<Vec<Seg>> = Vec::new();
     for _ in 0..MAX_SCHEMA_ERRORS {
         let de = toml::de::Deserializer::from(toml::Spanned::new(0..0, work.clone()));
         let e = match RawConfig::deserialize(de) {
-            Ok(raw) if !c.has_errors() => return Some(raw),
-            Ok(_) => return None,
+            Ok(raw) => return Some(raw),
             Err(e) => e,
         };
         let Some(span) = e.span() else {
@@ -219,6 +240,7 @@ fn deserialize_all(tree: &DeTable<'_>, c: &mut Collector) -> Option<RawConfig> {
         if at.is_empty() || !remove(&mut work, &at) {
             return None;
         }
+        removed_paths.push(format_path(&shown));
         removed.push(at);
     }
     None

@@ -193,6 +193,26 @@ scope = \"galaxy\"
     }
 
     #[test]
+    fn other_sections_are_still_validated_after_a_schema_error() {
+        let text = format!(
+            "{BASE}\n[cache]\nscope = \"galaxy\"\nttl = \"0s\"\n[tiers.empty]\nmodels = []\n"
+        );
+        let errs = parse(&text).err().map(|e| e.errors).unwrap_or_default();
+        assert!(
+            errs[0].starts_with("cache.scope: unknown variant `galaxy`"),
+            "{errs:?}"
+        );
+        assert!(
+            errs.contains(&"cache.ttl: must be greater than zero".to_string()),
+            "{errs:?}"
+        );
+        assert!(
+            errs.contains(&"tiers.empty.models: needs at least one model".to_string()),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
     fn a_wrong_type_on_a_required_field_is_one_problem() {
         let text = format!(
             "{BASE}\n[routers.r]\nunknown_tier = 3\n[[routers.r.rules]]\ntier = \"small\"\n"
