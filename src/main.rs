@@ -1,8 +1,23 @@
 //! The `triage` command line: a thin shell over the library.
 
 use clap::{Parser, Subcommand};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use triage::config::{Config, Secrets};
+
+/// `println!` that ends the process quietly when the reader has gone
+/// (`triage classifier eval | head`) instead of panicking on EPIPE.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,8 +39,8 @@ enum Command {
     Serve {
         #[arg(short, long, default_value = "config/triage.toml")]
         config: PathBuf,
-        /// Override `server.listen`.
-        #[arg(long)]
+        /// Override `server.listen` (in a container: `0.0.0.0:8080`).
+        #[arg(long, env = "TRIAGE_LISTEN")]
         listen: Option<String>,
     },
     /// Validate a config file and print every problem with its key path.
@@ -122,8 +137,8 @@ fn main() -> ExitCode {
             command: KeysCommand::New { name },
         } => {
             let (key, hash) = triage::auth::new_key();
-            println!("key (give this to the client; it is not stored anywhere): {key}\n");
-            println!("[keys.{name}]\nkey_sha256 = \"{hash}\"");
+            outln!("key (give this to the client; it is not stored anywhere): {key}\n");
+            outln!("[keys.{name}]\nkey_sha256 = \"{hash}\"");
             ExitCode::SUCCESS
         }
         Command::Spend {
@@ -166,12 +181,13 @@ fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> Exit
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match triage::config::Config::load(path) {
+    // Secrets are only needed to serve: a missing one is a warning here.
+    match Config::load_with(path, Secrets::Optional) {
         Ok(cfg) => {
             for w in &cfg.warnings {
-                println!("warning: {w}");
+                outln!("warning: {w}");
             }
-            println!(
+            outln!(
                 "{}: ok ({} providers, {} models, {} tiers, {} routers, {} keys)",
                 path.display(),
                 cfg.providers.len(),
@@ -183,12 +199,21 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(errs) => {
-            for e in &errs.errors {
-                println!("{e}");
+            for e in &errs.rendered {
+                outln!("{e}");
             }
-            println!("{}: {} problem(s)", path.display(), errs.errors.len());
+            outln!("{}: {} problem(s)", path.display(), errs.errors.len());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A config that cannot be used, for `error: ...` lines.
+fn invalid(path: &std::path::Path, e: &triage::config::ConfigErrors) -> String {
+    if e.errors.len() == 1 && e.rendered[0].starts_with(&path.display().to_string()) {
+        e.to_string()
+    } else {
+        format!("{} is not valid:\n{e}", path.display())
     }
 }
 
@@ -214,7 +239,7 @@ fn classify(text: &str, model: Option<&std::path::Path>) -> ExitCode {
     let p = m.classify(text);
     let took = t0.elapsed();
     let label = m.label_name(p.label).unwrap_or("?");
-    println!(
+    outln!(
         "label {label}  confidence {:.3}  ({} µs)",
         p.confidence,
         took.as_micros()
@@ -227,7 +252,7 @@ fn classify(text: &str, model: Option<&std::path::Path>) -> ExitCode {
         .collect();
     scores.sort_by(|a, b| b.1.total_cmp(&a.1));
     for (l, s) in scores {
-        println!("  {l:<12} {s:.3}");
+        outln!("  {l:<12} {s:.3}");
     }
     ExitCode::SUCCESS
 }
@@ -243,7 +268,7 @@ fn classifier(cmd: ClassifierCommand) -> ExitCode {
                 let m = EmbeddedClassifier::train(&examples, &TrainOptions::default())
                     .map_err(|e| e.to_string())?;
                 m.save(&out).map_err(|e| e.to_string())?;
-                println!(
+                outln!(
                     "trained on {} examples ({} labels) in {:.1}s -> {}",
                     examples.len(),
                     m.labels().len(),
@@ -257,26 +282,43 @@ fn classifier(cmd: ClassifierCommand) -> ExitCode {
                 match split.as_deref() {
                     None => {
                         let m = load_model(model.as_deref())?;
-                        println!("{}", eval::evaluate(&m, &examples));
+                        outln!("{}", eval::evaluate(&m, &examples));
                     }
                     Some(kind) => {
                         let (train, test) = match kind {
                             "stratified" => eval::stratified_split(&examples, 0.2, 7),
-                            "source" => eval::source_holdout_split(&examples, 0.2, 7),
+                            "source" => {
+                                let with = examples.iter().filter(|e| e.source.is_some()).count();
+                                if with == 0 {
+                                    return Err(format!(
+                                        "--split source needs a \"source\" field on the examples; none of the {} in {} has one (use --split stratified)",
+                                        examples.len(),
+                                        data.display()
+                                    ));
+                                }
+                                eval::source_holdout_split(&examples, 0.2, 7)
+                            }
                             other => {
                                 return Err(format!(
                                     "unknown split {other:?} (stratified or source)"
                                 ))
                             }
                         };
+                        if test.is_empty() || train.is_empty() {
+                            return Err(format!(
+                                "the {kind} split of {} left nothing to {} (each label needs examples from two or more sources)",
+                                data.display(),
+                                if test.is_empty() { "evaluate" } else { "train on" }
+                            ));
+                        }
                         let m = EmbeddedClassifier::train(&train, &TrainOptions::default())
                             .map_err(|e| e.to_string())?;
-                        println!(
+                        outln!(
                             "{kind} split: trained on {}, evaluated on {}",
                             train.len(),
                             test.len()
                         );
-                        println!("{}", eval::evaluate(&m, &test));
+                        outln!("{}", eval::evaluate(&m, &test));
                     }
                 }
                 Ok(())
@@ -304,13 +346,29 @@ fn spend(config: &std::path::Path, key: Option<&str>, period: &str) -> ExitCode 
             return ExitCode::FAILURE;
         }
     };
-    let cfg = match triage::config::Config::load(config) {
+    // The ledger is keyed by name: no secret is needed to read it.
+    let cfg = match Config::load_with(config, Secrets::Optional) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {} is not valid:\n{e}", config.display());
+            eprintln!("error: {}", invalid(config, &e));
             return ExitCode::FAILURE;
         }
     };
+    if let Some(k) = key {
+        if !cfg.keys.iter().any(|c| c.name == k) {
+            let names: Vec<&str> = cfg.keys.iter().map(|c| c.name.as_str()).collect();
+            eprintln!(
+                "error: unknown key {k:?} (keys in {}: {})",
+                config.display(),
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     // With `redis`, each replica's ledger holds only its own settlements.
     let Some(state_dir) = cfg.store.state_dir() else {
         eprintln!("error: store.kind = \"memory\" keeps no ledger");
@@ -318,12 +376,15 @@ fn spend(config: &std::path::Path, key: Option<&str>, period: &str) -> ExitCode 
     };
     match triage::store::spend_report(state_dir, key, period) {
         Ok(rows) => {
-            println!(
+            outln!(
                 "{:<20} {:<12} {:>14} {:>10}",
-                "key", "period", "spent_usd", "requests"
+                "key",
+                "period",
+                "spent_usd",
+                "requests"
             );
             for r in rows {
-                println!(
+                outln!(
                     "{:<20} {:<12} {:>14} {:>10}",
                     r.key,
                     r.period,
@@ -349,13 +410,16 @@ fn init_logging(json: bool, level: Option<&str>) -> Option<Telemetry> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal; files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none();
     let fmt = if json {
         tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer().boxed()
+        tracing_subscriber::fmt::layer().with_ansi(ansi).boxed()
     };
     let registry = tracing_subscriber::registry().with(filter).with(fmt);
     #[cfg(feature = "otel")]
@@ -438,8 +502,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> {
-    let cfg = triage::config::Config::load(&path)
-        .map_err(|e| format!("{} is not valid:\n{e}", path.display()))?;
+    let cfg = Config::load(&path).map_err(|e| invalid(&path, &e))?;
     let _telemetry = init_logging(cfg.server.log_json, cfg.server.log_level.as_deref());
     for w in &cfg.warnings {
         tracing::warn!("config: {w}");
@@ -484,7 +547,7 @@ fn spawn_reloader(state: std::sync::Arc<triage::gateway::state::AppState>, path:
                     tracing::info!(config = %path.display(), "config reloaded");
                 }
                 Err(e) => {
-                    tracing::error!(config = %path.display(), "config reload rejected, keeping the running config:\n{e}")
+                    tracing::error!(config = %path.display(), "config reload rejected, keeping the running config:\n{e}\nnote: a reload re-reads the file only; environment variables (api_key_env, key_env) keep the values the process started with, so a new secret needs a restart")
                 }
             }
         }

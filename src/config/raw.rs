@@ -1,6 +1,10 @@
 //! The TOML schema exactly as users write it. Everything here is parsed with
-//! `deny_unknown_fields`; `validate.rs` turns it into the runtime types.
+//! `deny_unknown_fields`; closed sets of words are enums, so a typo is a parse
+//! error with its key path. `validate/` turns this into the runtime types.
 
+use super::types::{
+    AuthMode, BudgetPeriodKind, CacheScope, InputMode, OnUnavailable, TierStrategy,
+};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,8 +14,8 @@ use std::time::Duration;
 pub struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
-    /// `"keys"` (default) or `"none"` (no authentication, must be explicit).
-    pub auth: Option<String>,
+    /// `"keys"` (the default) or `"none"` (no authentication; only when written out).
+    pub auth: Option<AuthMode>,
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
@@ -47,8 +51,9 @@ pub struct RawServer {
     /// Largest request head (request line + headers) accepted.
     #[serde(default = "default_max_header")]
     pub max_header_bytes: usize,
-    #[serde(default = "default_log_format")]
-    pub log_format: String,
+    /// `pretty` (default; plain text when stdout is not a terminal) or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
     pub log_level: Option<String>,
 }
 
@@ -60,7 +65,7 @@ impl Default for RawServer {
             shutdown_grace: default_grace(),
             header_read_timeout: default_header_timeout(),
             max_header_bytes: default_max_header(),
-            log_format: default_log_format(),
+            log_format: LogFormat::default(),
             log_level: None,
         }
     }
@@ -81,15 +86,37 @@ fn default_header_timeout() -> Duration {
 fn default_max_header() -> usize {
     64 * 1024
 }
-fn default_log_format() -> String {
-    "pretty".into()
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawProviderKind {
+    /// Any OpenAI-compatible HTTP API.
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Built in, no network.
+    Mock,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Memory,
+    Redis,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProvider {
-    /// `openai` (any OpenAI-compatible HTTP API) or `mock` (built in, no network).
-    pub kind: String,
+    pub kind: RawProviderKind,
     pub base_url: Option<String>,
     /// Name of the env var holding the API key; the key itself never lives in the file.
     pub api_key_env: Option<String>,
@@ -143,7 +170,7 @@ pub struct RawPrice {
 pub struct RawTier {
     pub models: Vec<String>,
     /// `ordered` (default), `weighted`, `least_latency`.
-    pub strategy: Option<String>,
+    pub strategy: Option<TierStrategy>,
     pub fallback_tier: Option<String>,
     /// Consecutive failures before a deployment is put in cooldown.
     pub cooldown_after: Option<u32>,
@@ -158,7 +185,7 @@ pub struct RawRouter {
     pub classifier: Option<String>,
     pub min_confidence: Option<f64>,
     pub unknown_tier: String,
-    pub input: Option<String>,
+    pub input: Option<InputMode>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
     /// `llm` classifier: the model that picks the label.
@@ -247,7 +274,7 @@ pub struct RawKey {
     /// USD per `period`.
     pub budget: Option<f64>,
     /// `daily`, `weekly`, `monthly` or `total` (default).
-    pub period: Option<String>,
+    pub period: Option<BudgetPeriodKind>,
     pub guard: Option<crate::guard::GuardConfig>,
 }
 
@@ -259,7 +286,7 @@ pub struct RawTeam {
     pub max_parallel: Option<u32>,
     /// USD per `period`.
     pub budget: Option<f64>,
-    pub period: Option<String>,
+    pub period: Option<BudgetPeriodKind>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,7 +298,7 @@ pub struct RawCache {
     #[serde(default, with = "humantime_serde")]
     pub ttl: Option<Duration>,
     /// `per_key` (default) or `shared`.
-    pub scope: Option<String>,
+    pub scope: Option<CacheScope>,
     /// Allow caching `n > 1` with temperature > 0.
     #[serde(default)]
     pub cache_sampled: bool,
@@ -308,13 +335,14 @@ pub struct RawMetrics {
 pub struct RawStore {
     /// `sqlite` (default), `memory` (nothing durable; tests and demos) or `redis` (limits shared
     /// by every replica; the spend ledger stays local under `state_dir`).
-    pub kind: Option<String>,
+    #[serde(default)]
+    pub kind: StoreKind,
     pub state_dir: Option<String>,
     /// `redis`: server address, e.g. `redis://127.0.0.1:6379/`.
     pub url: Option<String>,
     /// `redis`: `fail_closed` (default: refuse with 503) or `fail_open` (local limits) while
     /// Redis is unreachable.
-    pub on_unavailable: Option<String>,
+    pub on_unavailable: Option<OnUnavailable>,
     /// `redis`: prefix of every key the gateway writes (default `triage`).
     pub key_prefix: Option<String>,
     /// `redis`: a reservation (and parallel slot) whose replica never settled it is released

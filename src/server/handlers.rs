@@ -121,13 +121,40 @@ pub async fn key_self(
 ) -> Response {
     match caller.0 {
         Some(k) => {
-            let status = app.limiter.status(&k.name);
+            let mut status = serde_json::to_value(app.limiter.status(&k.name)).unwrap_or_default();
+            readable_resets(&mut status, std::time::SystemTime::now());
             Json(json!({"name": k.name, "team": k.team, "allow": k.allow, "limits": status}))
                 .into_response()
         }
         None => {
             ApiError::invalid_key("No key: the gateway runs with auth = \"none\".").into_response()
         }
+    }
+}
+
+/// Serde writes a `Duration` as `{"secs","nanos"}`; clients want the wait in
+/// seconds (rounded up) and the moment as RFC 3339: `reset_seconds`, `reset_at`.
+fn readable_resets(v: &mut Value, now: std::time::SystemTime) {
+    match v {
+        Value::Object(map) => {
+            let dur = map.get("reset").and_then(|r| {
+                Some(std::time::Duration::new(
+                    r.get("secs")?.as_u64()?,
+                    u32::try_from(r.get("nanos")?.as_u64()?).ok()?,
+                ))
+            });
+            if let Some(d) = dur {
+                map.remove("reset");
+                let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+                map.insert("reset_seconds".into(), json!(secs));
+                let at =
+                    humantime::format_rfc3339_seconds(now + std::time::Duration::from_secs(secs));
+                map.insert("reset_at".into(), json!(at.to_string()));
+            }
+            map.values_mut().for_each(|x| readable_resets(x, now));
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| readable_resets(x, now)),
+        _ => {}
     }
 }
 
@@ -318,4 +345,20 @@ fn request_id(req: &Request) -> Arc<str> {
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_else(|| Arc::from("-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_become_seconds_and_a_timestamp() {
+        let mut v = json!({"key": {"requests": {"limit": 5, "reset": {"secs": 12, "nanos": 1}}}});
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        readable_resets(&mut v, now);
+        let w = &v["key"]["requests"];
+        assert_eq!(w.get("reset"), None);
+        assert_eq!(w["reset_seconds"], 13);
+        assert_eq!(w["reset_at"], "2023-11-14T22:13:33Z");
+    }
 }
