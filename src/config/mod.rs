@@ -51,6 +51,9 @@ pub struct Config {
     pub teams: BTreeMap<String, LimitsConfig>,
     pub cache: CacheConfig,
     pub metrics: MetricsConfig,
+    /// Failed authentications per client address (IPv6: per /64) and minute
+    /// before it is refused with 429; 0 = no limit.
+    pub max_auth_failures_per_minute: u32,
     pub store: StoreConfig,
     /// Non-fatal findings (unreachable rules...), logged at startup and printed by `check`.
     pub warnings: Vec<String>,
@@ -260,10 +263,16 @@ pub struct CacheConfig {
     pub models: BTreeMap<String, RawCacheOverride>,
 }
 
+/// Where /metrics is served; see `validate_metrics` for the defaults.
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
     pub enabled: bool,
+    /// The separate (private) listener, if any.
     pub listen: Option<String>,
+    /// SHA-256 of the bearer token that opens /metrics on the API listener.
+    pub token_sha256: Option<[u8; 32]>,
+    /// /metrics on the API listener for anyone.
+    pub public: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,7 +385,7 @@ pub fn validate(
     };
 
     let server = validate_server(&mut v, &raw.server);
-    let auth = match raw.auth.as_deref() {
+    let auth = match raw.auth.as_ref().and_then(|a| a.mode.as_deref()) {
         None | Some("keys") => AuthMode::Keys,
         Some("none") => AuthMode::None,
         Some(other) => {
@@ -449,15 +458,7 @@ pub fn validate(
     }
 
     let cache = validate_cache(&mut v, raw.cache.as_ref(), &models);
-    let metrics = MetricsConfig {
-        enabled: raw.metrics.enabled.unwrap_or(true),
-        listen: raw.metrics.listen.clone(),
-    };
-    if let Some(l) = &metrics.listen {
-        if l.parse::<std::net::SocketAddr>().is_err() {
-            v.err("metrics.listen", format!("not a socket address: {l:?}"));
-        }
-    }
+    let metrics = validate_metrics(&mut v, &raw.metrics, env);
     let store = validate_store(&mut v, &raw.store, &providers);
     if cache.shared {
         if !matches!(store, StoreConfig::Redis { .. }) {
@@ -486,10 +487,77 @@ pub fn validate(
         teams,
         cache,
         metrics,
+        max_auth_failures_per_minute: raw
+            .auth
+            .as_ref()
+            .and_then(|a| a.max_failures_per_minute)
+            .unwrap_or(DEFAULT_MAX_AUTH_FAILURES_PER_MINUTE),
         store,
         warnings: v.warnings,
         base_dir: base_dir.to_path_buf(),
     })
+}
+
+/// Default for `auth.max_failures_per_minute`: far above what a client with a
+/// mistyped key produces, far below what guessing needs.
+pub const DEFAULT_MAX_AUTH_FAILURES_PER_MINUTE: u32 = 30;
+/// Default for `metrics.listen`: loopback only.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// /metrics names every key and team with their spend: by default it is served
+/// only on a loopback listener; the API listener serves it only behind a
+/// token (`token_env`) or when `public = true` says so explicitly.
+fn validate_metrics(
+    v: &mut V,
+    raw: &RawMetrics,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> MetricsConfig {
+    let listen = match raw.listen.as_deref() {
+        None => Some(DEFAULT_METRICS_LISTEN.to_string()),
+        Some("off") | Some("") => None,
+        Some(l) => {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                v.err(
+                    "metrics.listen",
+                    format!("not a socket address: {l:?} (or \"off\")"),
+                );
+            }
+            Some(l.to_string())
+        }
+    };
+    let token_sha256 = raw.token_env.as_ref().and_then(|var| match env(var) {
+        Some(t) if !t.trim().is_empty() => {
+            use sha2::Digest;
+            Some(sha2::Sha256::digest(t.trim().as_bytes()).into())
+        }
+        Some(_) => {
+            v.err(
+                "metrics.token_env",
+                format!("environment variable {var} is empty"),
+            );
+            None
+        }
+        None => {
+            v.err(
+                "metrics.token_env",
+                format!("environment variable {var} is not set"),
+            );
+            None
+        }
+    });
+    let public = raw.public.unwrap_or(false);
+    if public && raw.token_env.is_some() {
+        v.err(
+            "metrics.public",
+            "choose one: public = true serves /metrics to anyone, token_env only to token holders",
+        );
+    }
+    MetricsConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        listen,
+        token_sha256,
+        public,
+    }
 }
 
 fn validate_store(

@@ -34,7 +34,11 @@ pub async fn authenticate(
     let caller = match rt.config.auth {
         AuthMode::None => Caller(None),
         AuthMode::Keys => {
+            if let Some(refused) = super::conn::refuse_if_blocked(&app, &req) {
+                return refused;
+            }
             let Some(secret) = presented_key(req.headers()) else {
+                super::conn::auth_failed(&app, &req, super::conn::AuthFailure::Missing);
                 return ApiError::invalid_key(
                     "You didn't provide an API key. Send it as `Authorization: Bearer YOUR_KEY`.",
                 )
@@ -43,7 +47,8 @@ pub async fn authenticate(
             match rt.keys.authenticate(secret) {
                 Some(id) => Caller(Some(Arc::new(id.clone()))),
                 None => {
-                    return ApiError::invalid_key("Incorrect API key provided.").into_response()
+                    super::conn::auth_failed(&app, &req, super::conn::AuthFailure::Invalid);
+                    return ApiError::invalid_key("Incorrect API key provided.").into_response();
                 }
             }
         }
@@ -78,9 +83,10 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
-pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    // With `metrics.listen` set, the page lives only on that address.
-    if app.runtime.load().config.metrics.listen.is_some() {
+/// `/metrics` on the API listener: only when the config opens it (see
+/// `super::conn::metrics_allowed`); otherwise it does not exist here.
+pub async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if !super::conn::metrics_allowed(&app.runtime.load().config.metrics, &headers) {
         return ApiError::not_found().into_response();
     }
     render_metrics(&app)
