@@ -269,6 +269,9 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// The separate (private) listener, if any.
     pub listen: Option<String>,
+    /// `listen` was written in the config: failing to bind it is fatal (the
+    /// default address may be taken by another instance: a warning).
+    pub listen_explicit: bool,
     /// SHA-256 of the bearer token that opens /metrics on the API listener.
     pub token_sha256: Option<[u8; 32]>,
     /// /metrics on the API listener for anyone.
@@ -555,6 +558,7 @@ fn validate_metrics(
     MetricsConfig {
         enabled: raw.enabled.unwrap_or(true),
         listen,
+        listen_explicit: raw.listen.is_some(),
         token_sha256,
         public,
     }

@@ -83,23 +83,32 @@ pub fn auth_failed(app: &AppState, req: &Request, why: AuthFailure) {
 
 /// Whether the API listener serves `/metrics` to this request: with
 /// `metrics.public = true` to anyone; with `metrics.token_env` to a bearer of
-/// that token (digests compared in constant time); else to no one.
-pub fn metrics_allowed(cfg: &crate::config::MetricsConfig, headers: &http::HeaderMap) -> bool {
+/// that token (digests compared in constant time, 401 otherwise); else it does
+/// not exist here (404).
+pub fn metrics_access(
+    cfg: &crate::config::MetricsConfig,
+    headers: &http::HeaderMap,
+) -> Result<(), ApiError> {
     use sha2::Digest;
     use subtle::ConstantTimeEq;
     if cfg.public {
-        return true;
+        return Ok(());
     }
     let Some(want) = &cfg.token_sha256 else {
-        return false;
+        return Err(ApiError::not_found());
     };
-    let Some(got) = headers
+    let got = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    let got: [u8; 32] = sha2::Sha256::digest(got.trim().as_bytes()).into();
-    bool::from(got.ct_eq(want))
+        .map(|t| -> [u8; 32] { sha2::Sha256::digest(t.trim().as_bytes()).into() });
+    match got {
+        Some(got) if bool::from(got.ct_eq(want)) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_metrics_token"),
+            "/metrics needs `Authorization: Bearer` with the token from metrics.token_env.",
+        )),
+    }
 }

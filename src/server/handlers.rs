@@ -83,11 +83,11 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// `/metrics` on the API listener: only when the config opens it (see
-/// `super::conn::metrics_allowed`); otherwise it does not exist here.
+/// `/metrics` on the API listener: only as the config opens it (see
+/// `super::conn::metrics_access`).
 pub async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if !super::conn::metrics_allowed(&app.runtime.load().config.metrics, &headers) {
-        return ApiError::not_found().into_response();
+    if let Err(e) = super::conn::metrics_access(&app.runtime.load().config.metrics, &headers) {
+        return e.into_response();
     }
     render_metrics(&app)
 }
