@@ -289,8 +289,7 @@ async fn metrics_token_opens_the_api_port_and_public_opens_it_to_all() {
         &format!("[metrics]\npublic = true\ntoken_env = \"{VAR}\"\n"),
     );
     let err = triage::config::Config::parse(&both, std::path::Path::new("."))
-        .err()
-        .expect("public + token_env is an error");
+        .expect_err("public + token_env is an error");
     assert!(err.to_string().contains("metrics.public"), "{err}");
 }
 
