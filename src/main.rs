@@ -509,16 +509,24 @@ async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> {
     }
     let addr = listen.unwrap_or_else(|| cfg.server.listen.clone());
     let metrics_addr = cfg.metrics.listen.clone();
+    let metrics_explicit = cfg.metrics.listen_explicit;
     let state = triage::build_state(cfg).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     if let Some(maddr) = metrics_addr {
-        let ml = tokio::net::TcpListener::bind(&maddr)
-            .await
-            .map_err(|e| format!("cannot listen on metrics.listen {maddr}: {e}"))?;
-        tracing::info!(addr = %maddr, "metrics on a separate listener");
-        tokio::spawn(triage::server::serve_metrics(state.clone(), ml));
+        match tokio::net::TcpListener::bind(&maddr).await {
+            Ok(ml) => {
+                tracing::info!(addr = %maddr, "metrics on a separate listener");
+                tokio::spawn(triage::server::serve_metrics(state.clone(), ml));
+            }
+            Err(e) if metrics_explicit => {
+                return Err(format!("cannot listen on metrics.listen {maddr}: {e}"));
+            }
+            // The default address may be another instance's on this host.
+            Err(e) => tracing::warn!(addr = %maddr, error = %e,
+                "cannot listen on the default metrics address; /metrics is not served (set metrics.listen)"),
+        }
     }
     spawn_reloader(state.clone(), path.clone());
     tracing::info!(%addr, config = %path.display(), "triage listening; OpenAI base URL http://{addr}/v1");

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use triage::metrics::{parse_text, sum_samples, Sample};
 use triage::server::Gateway;
 
-/// Fetches and parses the page (no credentials: /metrics is open).
+/// Fetches and parses the page (no credentials: the private listener is open).
 async fn scrape_at(base: &str) -> (String, Vec<Sample>) {
     let r = http().get(format!("{base}/metrics")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
@@ -20,8 +20,15 @@ async fn scrape_at(base: &str) -> (String, Vec<Sample>) {
     (text, samples)
 }
 
+/// Scrapes through a private metrics listener (the API listener serves
+/// /metrics only when the config opens it).
 async fn scrape(gw: &Gateway) -> (String, Vec<Sample>) {
-    scrape_at(&format!("http://{}", gw.addr)).await
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(triage::server::serve_metrics(gw.state.clone(), listener));
+    let page = scrape_at(&format!("http://{addr}")).await;
+    task.abort();
+    page
 }
 
 /// Sum of matching samples, 0 if none.
@@ -732,7 +739,11 @@ async fn metrics_listen_serves_the_page_on_its_own_address() {
     assert_eq!(r.status().as_u16(), 404);
     gw.shutdown().await;
 
-    let gw = start_gateway(&config(&up.url, "[metrics]\nenabled = false\n")).await;
+    let gw = start_gateway(&config(
+        &up.url,
+        "[metrics]\nenabled = false\npublic = true\n",
+    ))
+    .await;
     let r = http()
         .get(format!("http://{}/metrics", gw.addr))
         .send()

@@ -83,15 +83,20 @@ fn r<'a>(route: &'a HashMap<String, String>, k: &str) -> &'a str {
 }
 
 /// A value from the Prometheus page: the first sample of `name` whose labels contain every `want`.
+/// (Scraped on a private metrics listener: the API listener does not serve /metrics by default.)
 async fn metric(gw: &Gateway, name: &str, want: &[&str]) -> Option<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(triage::server::serve_metrics(gw.state.clone(), listener));
     let page = http()
-        .get(format!("http://{}/metrics", gw.addr))
+        .get(format!("http://{addr}/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
+    task.abort();
     page.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
         .find(|l| want.iter().all(|w| l.contains(w)))

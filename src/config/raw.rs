@@ -14,8 +14,9 @@ use std::time::Duration;
 pub struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
-    /// `"keys"` (the default) or `"none"` (no authentication; only when written out).
-    pub auth: Option<AuthMode>,
+    /// `auth = "keys"` (default) or `"none"` (no authentication, must be
+    /// explicit); or a table `[auth] mode = "keys", max_failures_per_minute = 30`.
+    pub auth: Option<RawAuth>,
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
@@ -324,10 +325,57 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawMetrics {
-    /// Serve /metrics on this address instead of the main listener.
+    /// Separate /metrics listener (default `127.0.0.1:9464`; `"off"` for none).
     pub listen: Option<String>,
     /// Set false to hide /metrics entirely.
     pub enabled: Option<bool>,
+    /// Also serve /metrics on the API listener to callers presenting
+    /// `Authorization: Bearer <value of this variable>`.
+    pub token_env: Option<String>,
+    /// Also serve /metrics on the API listener to anyone (explicit opt-in).
+    pub public: Option<bool>,
+}
+
+/// `auth` as a bare mode string or as a table.
+#[derive(Debug, Clone, Default)]
+pub struct RawAuth {
+    pub mode: Option<AuthMode>,
+    pub max_failures_per_minute: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthTable {
+    mode: Option<AuthMode>,
+    max_failures_per_minute: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for RawAuth {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawAuth;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"keys\", \"none\" or a table with mode / max_failures_per_minute")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawAuth, E> {
+                use serde::de::IntoDeserializer;
+                Ok(RawAuth {
+                    mode: Some(AuthMode::deserialize(v.into_deserializer())?),
+                    max_failures_per_minute: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawAuth, A::Error> {
+                let t =
+                    RawAuthTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawAuth {
+                    mode: t.mode,
+                    max_failures_per_minute: t.max_failures_per_minute,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -24,6 +24,8 @@ pub const UNKNOWN_LABEL: &str = "unknown";
 pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthMode,
+    /// Failed authentications per client address per minute before refusing (0 = off).
+    pub max_auth_failures_per_minute: u32,
     pub providers: BTreeMap<String, Arc<ProviderConfig>>,
     pub models: BTreeMap<String, Arc<ModelConfig>>,
     pub tiers: BTreeMap<String, Arc<TierConfig>>,
@@ -247,11 +249,22 @@ pub struct CacheConfig {
     pub models: BTreeMap<String, CacheOverride>,
 }
 
+/// Where /metrics is served; see `validate_metrics` for the defaults.
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
     pub enabled: bool,
     pub listen: Option<String>,
+    /// `metrics.listen` was written in the config (then failing to bind is fatal).
+    pub listen_explicit: bool,
+    /// SHA-256 of the bearer token that opens /metrics on the API listener.
+    pub token_sha256: Option<[u8; 32]>,
+    /// Serve /metrics on the API listener to anyone (explicit opt-in).
+    pub public: bool,
 }
+/// Default for `[auth] max_failures_per_minute`: far above what a mistyped key produces, far below what guessing needs.
+pub const DEFAULT_MAX_AUTH_FAILURES_PER_MINUTE: u32 = 30;
+/// Default for `metrics.listen`: loopback only.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {

@@ -315,6 +315,8 @@ pub struct Metrics {
 
     store_unavailable: IntCounterVec,
     store_up: IntGauge,
+
+    auth_failures: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -633,6 +635,12 @@ impl Metrics {
                 "1 while the shared limit store (Redis) answers, 0 while it does not; 1 for local stores.",
             )?,
 
+            auth_failures: r.counter(
+                "triage_auth_failures_total",
+                "Requests refused by authentication, by reason (missing|invalid|too_many_failures).",
+                &["reason"],
+            )?,
+
             known: ArcSwap::from_pointee(KnownSets::from_names(known)),
             registry: r.registry,
             families: r.families,
@@ -886,6 +894,12 @@ impl Metrics {
     /// gateway did instead (refused|local|queued|skipped).
     pub fn record_store_unavailable(&self, op: &'static str, outcome: &'static str) {
         inc(&self.store_unavailable, &[op, outcome]);
+    }
+
+    /// Counts a request refused by authentication; `reason` is code-defined
+    /// (missing|invalid|too_many_failures), never anything the client sent.
+    pub fn record_auth_failure(&self, reason: &'static str) {
+        inc(&self.auth_failures, &[reason]);
     }
 
     /// Whether the shared limit store answers.

@@ -690,9 +690,10 @@ fn selector_extraction_handles_suffixes_and_matchers() {
 #[test]
 fn prometheus_example_scrapes_the_gateway() {
     assert!(PROMETHEUS_YML.contains("scrape_configs:"));
-    assert!(PROMETHEUS_YML.contains("127.0.0.1:8080"));
+    // The private metrics listener, and the API port as the token alternative.
+    assert!(PROMETHEUS_YML.contains("127.0.0.1:9464"));
     assert!(PROMETHEUS_YML.contains("metrics_path: /metrics"));
-    assert!(PROMETHEUS_YML.contains("127.0.0.1:9090"));
+    assert!(PROMETHEUS_YML.contains("127.0.0.1:8080"));
 }
 
 /// Hot-path cost; run with `cargo test --release -- --ignored --nocapture bench`.

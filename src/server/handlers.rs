@@ -31,7 +31,11 @@ pub async fn authenticate(
     let caller = match rt.config.auth {
         AuthMode::None => Caller(None),
         AuthMode::Keys => {
+            if let Some(refused) = super::conn::refuse_if_blocked(&app, &req) {
+                return refused;
+            }
             let Some(secret) = presented_key(req.headers()) else {
+                super::conn::auth_failed(&app, &req, super::conn::AuthFailure::Missing);
                 return ApiError::invalid_key(
                     "You didn't provide an API key. Send it as `Authorization: Bearer YOUR_KEY`.",
                 )
@@ -40,7 +44,8 @@ pub async fn authenticate(
             match rt.keys.authenticate(secret) {
                 Some(id) => Caller(Some(Arc::new(id.clone()))),
                 None => {
-                    return ApiError::invalid_key("Incorrect API key provided.").into_response()
+                    super::conn::auth_failed(&app, &req, super::conn::AuthFailure::Invalid);
+                    return ApiError::invalid_key("Incorrect API key provided.").into_response();
                 }
             }
         }
@@ -75,10 +80,11 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
-pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    // With `metrics.listen` set, the page lives only on that address.
-    if app.runtime.load().config.metrics.listen.is_some() {
-        return ApiError::not_found().into_response();
+/// `/metrics` on the API listener: only as the config opens it (see
+/// `super::conn::metrics_access`).
+pub async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = super::conn::metrics_access(&app.runtime.load().config.metrics, &headers) {
+        return e.into_response();
     }
     render_metrics(&app)
 }

@@ -2,8 +2,10 @@
 //! thin handler per endpoint (decode → `gateway` → encode). The request path
 //! is documented step by step in `gateway/mod.rs`.
 
+pub mod conn;
 pub mod error;
 pub mod handlers;
+pub mod limits;
 
 use crate::gateway::state::AppState;
 use axum::extract::{Request, State};
@@ -46,6 +48,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .nest("/v1", v1)
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::enforce,
+        ))
         .with_state(state)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::internal("The gateway hit an internal error; it has been logged.")
@@ -174,18 +180,21 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .max_buf_size(max_header.max(8192));
+        .max_buf_size(limits::transport_header_cap(max_header));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(max_header as u32);
+        .max_header_list_size(
+            u32::try_from(limits::transport_header_cap(max_header)).unwrap_or(u32::MAX),
+        );
+    let failures = crate::auth::failures::AuthFailures::new();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     state.ready.store(true, Ordering::SeqCst);
     tokio::pin!(signal);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -195,7 +204,8 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let svc = hyper_util::service::TowerToHyperService::new(service.clone());
+                let client = conn::Client { addr: peer, failures: failures.clone() };
+                let svc = hyper_util::service::TowerToHyperService::new(conn::with_client(service.clone(), client));
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {

@@ -50,7 +50,11 @@ pub(super) fn validate_into(
 ) -> Option<Config> {
     let server = server::validate_server(v, &raw.server);
     // Keys are the default; turning authentication off has to be written out.
-    let auth = raw.auth.unwrap_or(AuthMode::Keys);
+    let auth = raw
+        .auth
+        .as_ref()
+        .and_then(|a| a.mode)
+        .unwrap_or(AuthMode::Keys);
     let providers = providers::validate_providers(v, &raw.providers, env, secrets);
     let models = models::validate_models(v, &raw.models, &providers);
     let tiers = tiers::validate_tiers(v, &raw.tiers, &models);
@@ -73,7 +77,7 @@ pub(super) fn validate_into(
         );
     }
     let cache = cache::validate_cache(v, raw.cache.as_ref(), &models);
-    let metrics = server::validate_metrics(v, &raw.metrics);
+    let metrics = server::validate_metrics(v, &raw.metrics, env);
     let store = store::validate_store(v, &raw.store, &providers);
     if cache.shared {
         if !matches!(store, StoreConfig::Redis { .. }) {
@@ -97,6 +101,11 @@ pub(super) fn validate_into(
         teams,
         cache,
         metrics,
+        max_auth_failures_per_minute: raw
+            .auth
+            .as_ref()
+            .and_then(|a| a.max_failures_per_minute)
+            .unwrap_or(DEFAULT_MAX_AUTH_FAILURES_PER_MINUTE),
         store,
         warnings: Vec::new(),
         base_dir: base_dir.to_path_buf(),
