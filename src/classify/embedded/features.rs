@@ -55,8 +55,10 @@ impl Default for FeatureConfig {
             hash_seed: 0x7472_6961_6765_0001,
             max_head_bytes: 4096,
             max_tail_bytes: 1024,
-            normalize: true,
-            shape_features: true,
+            // Both measured worse on held-out sources with the shipped data (models/README.md);
+            // kept as options for other data.
+            normalize: false,
+            shape_features: false,
         }
     }
 }
@@ -441,12 +443,12 @@ pub(super) fn normalize_text(text: &str) -> Cow<'_, str> {
     }
     let mut out = String::with_capacity(text.len());
     for (i, line) in text.split('\n').enumerate() {
-        if i > 0 {
-            out.push('\n');
-        }
         let t = line.trim_start();
         if t.trim_end().eq_ignore_ascii_case("options:") {
             continue;
+        }
+        if i > 0 {
+            out.push('\n');
         }
         out.push_str(t.get(marker_len(t)..).unwrap_or(t));
     }
@@ -572,7 +574,7 @@ mod tests {
         assert_eq!(normalize_text(mmlu), "What is 2+2?\n3\n4\n5\nten");
         // Real prose is left alone, and borrowed (no copy on the hot path).
         for text in [
-            "A cat sat on the mat.\nI. e. nothing here",
+            "A cat sat on the mat.\nI.e. nothing here",
             "Write a function f(x) that returns x.",
             "(see below) and 3.5 apples",
             "",
@@ -583,7 +585,10 @@ mod tests {
 
     #[test]
     fn normalized_and_plain_formats_share_features() {
-        let cfg = FeatureConfig::default();
+        let cfg = FeatureConfig {
+            normalize: true,
+            ..FeatureConfig::default()
+        };
         let collect = |t: &str| {
             let mut v = Vec::new();
             extract(&cfg, t, Collect(&mut v));
@@ -614,7 +619,10 @@ mod tests {
         assert_eq!(share_bucket(1, 1000), 1);
         assert_eq!(share_bucket(500, 1000), 7);
         assert!(share_bucket(30, 1000) < share_bucket(200, 1000));
-        let cfg = FeatureConfig::default();
+        let cfg = FeatureConfig {
+            shape_features: true,
+            ..FeatureConfig::default()
+        };
         let no_shape = FeatureConfig {
             shape_features: false,
             ..cfg

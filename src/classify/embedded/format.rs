@@ -272,7 +272,15 @@ mod tests {
 
     #[test]
     fn temperature_and_new_flags_round_trip() {
-        let mut m = EmbeddedClassifier::train(&small_set(), &small_opts()).unwrap();
+        let opts = TrainOptions {
+            features: FeatureConfig {
+                normalize: true,
+                shape_features: true,
+                ..small_opts().features
+            },
+            ..small_opts()
+        };
+        let mut m = EmbeddedClassifier::train(&small_set(), &opts).unwrap();
         assert!(m.feature_config().normalize && m.feature_config().shape_features);
         m.set_temperature(1.7);
         let back = EmbeddedClassifier::from_bytes(&m.to_bytes()).unwrap();

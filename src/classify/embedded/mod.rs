@@ -1,6 +1,11 @@
 //! Embedded request classifier: hashed word and character n-gram features fed to a
 //! multinomial logistic regression, small enough to ship inside the binary and fast
 //! enough to run on every request (a few microseconds per prompt).
+//!
+//! - `features`: text normalisation and feature hashing (shared by training and inference);
+//! - `inference`: scoring a prompt against the quantized weights, temperature, softmax;
+//! - `train`: AdaGrad training with class- and source-balanced weights, quantization;
+//! - `format`: the model file (versioned, checksummed).
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -369,14 +374,22 @@ mod tests {
         ] {
             assert!(m.label_index(l).is_some(), "{l}");
         }
+        // Shipped calibrated: confidence below 1 even on the plainest prompts.
+        assert!((m.temperature() - 1.84).abs() < 0.01, "{}", m.temperature());
         for (text, want) in [
             ("hi there! how are you today?", "chat"),
             ("How do I reverse a list in Python?", "code"),
             ("Solve for x: 3x + 7 = 22", "math"),
             ("Write a short poem about autumn leaves.", "writing"),
+            ("What is the capital of Australia?", "knowledge"),
         ] {
             let p = m.classify(text);
             assert_eq!(m.label_name(p.label), Some(want), "{text}");
+            assert!(
+                p.confidence > 0.5 && p.confidence < 1.0,
+                "{text}: {}",
+                p.confidence
+            );
         }
     }
 }

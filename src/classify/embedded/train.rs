@@ -45,7 +45,7 @@ impl Default for TrainOptions {
             l2: 1e-6,
             seed: 42,
             class_weight_power: 1.0,
-            source_weight_power: 0.5,
+            source_weight_power: 0.0,
             min_updates: 3000,
             average: true,
             features: FeatureConfig::default(),
