@@ -90,6 +90,15 @@ fn bench(c: &mut Criterion) {
     c.bench_function("classify_embedded_2000_chars", |b| {
         b.iter(|| model.classify(black_box(&p2000)))
     });
+    // Worst case for normalisation: option markers on every line force one copy.
+    let options = "(A) the borrow checker rejects it\nB. it compiles\n"
+        .repeat(40)
+        .chars()
+        .take(2000)
+        .collect::<String>();
+    c.bench_function("classify_embedded_2000_chars_options", |b| {
+        b.iter(|| model.classify(black_box(&options)))
+    });
     let p100 = "Write a Python function that reverses a linked list.";
     c.bench_function("classify_embedded_short", |b| {
         b.iter(|| model.classify(black_box(p100)))

@@ -98,18 +98,33 @@ enum ClassifierCommand {
         data: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Training option as `key=value` (e.g. `l2=1e-5`); repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Fit the softmax temperature on predictions for held-out sources (trains once
+        /// per `source`; takes minutes on the full set).
+        #[arg(long)]
+        calibrate: bool,
+        /// Store this softmax temperature instead (e.g. the one `eval --split source` printed).
+        #[arg(long, conflicts_with = "calibrate")]
+        temperature: Option<f32>,
     },
-    /// Accuracy, macro-F1 and the confusion matrix on labelled JSONL.
+    /// Accuracy, macro-F1, calibration error, confusion matrix, per-source table and the
+    /// most confident mistakes on labelled JSONL.
     Eval {
         #[arg(long)]
         data: PathBuf,
         /// Model file; the shipped model when omitted.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Instead of evaluating a model on all of `data`, train on a split of
-        /// it and evaluate on the rest: `stratified` or `source` (whole sources held out).
+        /// Instead of evaluating a model on all of `data`, train on part of it and
+        /// evaluate on the rest: `stratified` (80/20 by label) or `source` (every
+        /// `source` held out in turn, calibrated on the other sources).
         #[arg(long)]
         split: Option<String>,
+        /// Training option for `--split` as `key=value`; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
 }
 
@@ -257,16 +272,54 @@ fn classify(text: &str, model: Option<&std::path::Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn train_options(set: &[String]) -> Result<triage::classify::embedded::TrainOptions, String> {
+    let mut opts = triage::classify::embedded::TrainOptions::default();
+    for kv in set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        opts.set(k.trim(), v.trim()).map_err(|e| e.to_string())?;
+    }
+    Ok(opts)
+}
+
 fn classifier(cmd: ClassifierCommand) -> ExitCode {
-    use triage::classify::embedded::{load_jsonl, EmbeddedClassifier, TrainOptions};
+    use triage::classify::embedded::{load_jsonl, EmbeddedClassifier};
     use triage::classify::eval;
+    let progress = |done: usize, total: usize| {
+        if done.is_multiple_of(10) || done == total {
+            eprintln!("  held out {done}/{total} sources");
+        }
+    };
     let run = || -> Result<(), String> {
         match cmd {
-            ClassifierCommand::Train { data, out } => {
+            ClassifierCommand::Train {
+                data,
+                out,
+                set,
+                calibrate,
+                temperature,
+            } => {
+                let opts = train_options(&set)?;
                 let examples = load_jsonl(&data).map_err(|e| e.to_string())?;
                 let t0 = std::time::Instant::now();
-                let m = EmbeddedClassifier::train(&examples, &TrainOptions::default())
-                    .map_err(|e| e.to_string())?;
+                let mut m =
+                    EmbeddedClassifier::train(&examples, &opts).map_err(|e| e.to_string())?;
+                if calibrate {
+                    let cv =
+                        eval::source_cv(&examples, &opts, progress).map_err(|e| e.to_string())?;
+                    m.set_temperature(cv.temperature);
+                    outln!(
+                        "temperature {:.4} (fitted on held-out sources)",
+                        cv.temperature
+                    );
+                }
+                if let Some(t) = temperature {
+                    if !(t.is_finite() && t > 0.0) {
+                        return Err(format!("--temperature {t}: must be > 0"));
+                    }
+                    m.set_temperature(t);
+                }
                 m.save(&out).map_err(|e| e.to_string())?;
                 outln!(
                     "trained on {} examples ({} labels) in {:.1}s -> {}",
@@ -277,48 +330,71 @@ fn classifier(cmd: ClassifierCommand) -> ExitCode {
                 );
                 Ok(())
             }
-            ClassifierCommand::Eval { data, model, split } => {
+            ClassifierCommand::Eval {
+                data,
+                model,
+                split,
+                set,
+            } => {
                 let examples = load_jsonl(&data).map_err(|e| e.to_string())?;
+                let opts = train_options(&set)?;
                 match split.as_deref() {
                     None => {
                         let m = load_model(model.as_deref())?;
-                        outln!("{}", eval::evaluate(&m, &examples));
-                    }
-                    Some(kind) => {
-                        let (train, test) = match kind {
-                            "stratified" => eval::stratified_split(&examples, 0.2, 7),
-                            "source" => {
-                                let with = examples.iter().filter(|e| e.source.is_some()).count();
-                                if with == 0 {
-                                    return Err(format!(
-                                        "--split source needs a \"source\" field on the examples; none of the {} in {} has one (use --split stratified)",
-                                        examples.len(),
-                                        data.display()
-                                    ));
-                                }
-                                eval::source_holdout_split(&examples, 0.2, 7)
-                            }
-                            other => {
-                                return Err(format!(
-                                    "unknown split {other:?} (stratified or source)"
-                                ))
-                            }
-                        };
-                        if test.is_empty() || train.is_empty() {
-                            return Err(format!(
-                                "the {kind} split of {} left nothing to {} (each label needs examples from two or more sources)",
-                                data.display(),
-                                if test.is_empty() { "evaluate" } else { "train on" }
-                            ));
-                        }
-                        let m = EmbeddedClassifier::train(&train, &TrainOptions::default())
-                            .map_err(|e| e.to_string())?;
+                        let outcomes = eval::outcomes(&m, &examples);
                         outln!(
-                            "{kind} split: trained on {}, evaluated on {}",
+                            "model on all {} examples (temperature {:.3})",
+                            outcomes.len(),
+                            m.temperature()
+                        );
+                        outln!("{}", eval::full_report(m.labels(), &outcomes, &examples));
+                    }
+                    Some("stratified") => {
+                        let (train, test) = eval::stratified_split(&examples, 0.2, 7);
+                        let m =
+                            EmbeddedClassifier::train(&train, &opts).map_err(|e| e.to_string())?;
+                        outln!(
+                            "stratified split: trained on {}, evaluated on {}",
                             train.len(),
                             test.len()
                         );
-                        outln!("{}", eval::evaluate(&m, &test));
+                        let outcomes = eval::outcomes(&m, &test);
+                        outln!("{}", eval::full_report(m.labels(), &outcomes, &test));
+                    }
+                    Some("source") => {
+                        let with = examples.iter().filter(|e| e.source.is_some()).count();
+                        if with == 0 {
+                            return Err(format!(
+                                "--split source needs a \"source\" field on the examples; none of the {} in {} has one (use --split stratified)",
+                                examples.len(),
+                                data.display()
+                            ));
+                        }
+                        let t0 = std::time::Instant::now();
+                        let mut cv = eval::source_cv(&examples, &opts, progress)
+                            .map_err(|e| e.to_string())?;
+                        let raw = eval::full_report(&cv.labels, &cv.outcomes, &examples);
+                        eval::cross_fit_temperatures(&mut cv.outcomes, &examples);
+                        let calibrated = eval::full_report(&cv.labels, &cv.outcomes, &examples);
+                        outln!(
+                            "source split: every source held out in turn ({:.0}s); probabilities \
+                             calibrated with a temperature fitted on the other sources",
+                            t0.elapsed().as_secs_f64()
+                        );
+                        outln!("{calibrated}");
+                        outln!(
+                            "summary: accuracy {:.4}  macro-F1 {:.4}  mean per-source accuracy {:.4}  \
+                             ECE uncalibrated {:.4}  ECE calibrated {:.4}  temperature (all sources) {:.4}",
+                            calibrated.metrics.accuracy,
+                            calibrated.metrics.macro_f1,
+                            calibrated.mean_source_accuracy,
+                            raw.ece,
+                            calibrated.ece,
+                            cv.temperature
+                        );
+                    }
+                    Some(other) => {
+                        return Err(format!("unknown split {other:?} (stratified or source)"))
                     }
                 }
                 Ok(())

@@ -1,7 +1,11 @@
 //! Evaluation of the embedded classifier: metrics, confusion matrix, and deterministic
 //! train/test splits (stratified by label, or holding out whole `source` groups).
 
-use super::embedded::{EmbeddedClassifier, Example, SplitMix64};
+use super::calibrate::{expected_calibration_error, fit_temperature};
+use super::embedded::inference::prediction_from_logits;
+use super::embedded::{
+    ClassifierError, EmbeddedClassifier, Example, SplitMix64, TrainOptions, TrainSet,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -273,6 +277,285 @@ fn partition(examples: &[Example], is_test: &[bool]) -> (Vec<Example>, Vec<Examp
     (train, test)
 }
 
+/// One prediction on a labelled example, kept whole so the same run can be re-scored at
+/// another temperature.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Index of the example in the evaluated data.
+    pub index: usize,
+    /// True label index.
+    pub truth: usize,
+    /// Raw model scores (before temperature and softmax).
+    pub logits: Vec<f32>,
+    /// Temperature used for this row's probabilities.
+    pub temperature: f32,
+}
+
+impl Outcome {
+    /// (predicted label, its probability) at this row's temperature.
+    pub fn predicted(&self) -> (usize, f32) {
+        let mut p = self.logits.clone();
+        prediction_from_logits(&mut p, self.temperature);
+        let mut best = 0;
+        for (i, &v) in p.iter().enumerate() {
+            if v > p[best] {
+                best = i;
+            }
+        }
+        (best, p.get(best).copied().unwrap_or(0.0))
+    }
+}
+
+/// Classifies every example whose label the model knows (the model's own temperature).
+pub fn outcomes(model: &EmbeddedClassifier, examples: &[Example]) -> Vec<Outcome> {
+    examples
+        .iter()
+        .enumerate()
+        .filter_map(|(index, e)| {
+            Some(Outcome {
+                index,
+                truth: model.label_index(&e.label)?,
+                logits: model.logits(&e.text),
+                temperature: model.temperature(),
+            })
+        })
+        .collect()
+}
+
+/// The result of holding out every source in turn.
+#[derive(Debug, Clone)]
+pub struct SourceCv {
+    /// Label names (model order).
+    pub labels: Vec<String>,
+    /// Out-of-source predictions, uncalibrated (temperature 1).
+    pub outcomes: Vec<Outcome>,
+    /// Temperature fitted on all out-of-source predictions (the one to ship).
+    pub temperature: f32,
+}
+
+/// Trains once per distinct `source` without it and predicts its rows: every prediction
+/// is on a source the model never saw. Examples without a source form one group.
+/// `progress(done, total)` is called after each fold.
+pub fn source_cv(
+    examples: &[Example],
+    opts: &TrainOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<SourceCv, ClassifierError> {
+    let set = TrainSet::new(examples, opts)?;
+    let mut by_source: BTreeMap<Option<&str>, Vec<usize>> = BTreeMap::new();
+    for (i, e) in examples.iter().enumerate() {
+        by_source.entry(e.source.as_deref()).or_default().push(i);
+    }
+    if by_source.len() < 2 {
+        return Err(ClassifierError::InvalidData(
+            "holding out sources needs at least two distinct `source` values".into(),
+        ));
+    }
+    let total = by_source.len();
+    let mut outcomes = Vec::with_capacity(examples.len());
+    for (done, held) in by_source.values().enumerate() {
+        let rows: Vec<usize> = (0..examples.len())
+            .filter(|i| held.binary_search(i).is_err())
+            .collect();
+        let model = set.train(&rows, opts)?;
+        for &i in held {
+            outcomes.push(Outcome {
+                index: i,
+                truth: set.label_of(i),
+                logits: model.logits(&examples[i].text),
+                temperature: 1.0,
+            });
+        }
+        progress(done + 1, total);
+    }
+    outcomes.sort_by_key(|o| o.index);
+    let (logits, truth): (Vec<Vec<f32>>, Vec<usize>) =
+        outcomes.iter().map(|o| (o.logits.clone(), o.truth)).unzip();
+    Ok(SourceCv {
+        labels: set.labels().to_vec(),
+        temperature: fit_temperature(&logits, &truth),
+        outcomes,
+    })
+}
+
+/// Sets each outcome's temperature to one fitted on the *other* sources' outcomes, so
+/// the calibration error measured afterwards is on sources the temperature never saw.
+pub fn cross_fit_temperatures(outcomes: &mut [Outcome], examples: &[Example]) {
+    let source = |o: &Outcome| examples.get(o.index).and_then(|e| e.source.clone());
+    let sources: BTreeSet<Option<String>> = outcomes.iter().map(source).collect();
+    for s in sources {
+        let (logits, truth): (Vec<Vec<f32>>, Vec<usize>) = outcomes
+            .iter()
+            .filter(|o| source(o) != s)
+            .map(|o| (o.logits.clone(), o.truth))
+            .unzip();
+        let t = fit_temperature(&logits, &truth);
+        for o in outcomes.iter_mut().filter(|o| source(o) == s) {
+            o.temperature = t;
+        }
+    }
+}
+
+/// Accuracy on one source's rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceRow {
+    /// Source name (`-` for rows without one).
+    pub source: String,
+    /// Most common true label.
+    pub label: String,
+    /// Rows.
+    pub n: usize,
+    /// Fraction right.
+    pub accuracy: f64,
+    /// Most common wrong prediction, with its count.
+    pub top_error: Option<(String, usize)>,
+}
+
+/// Everything `classifier eval` prints about one set of predictions.
+#[derive(Debug, Clone)]
+pub struct FullReport {
+    /// Label metrics and confusion matrix.
+    pub metrics: EvalReport,
+    /// Per-source accuracy, sorted by source.
+    pub sources: Vec<SourceRow>,
+    /// Unweighted mean of the per-source accuracies.
+    pub mean_source_accuracy: f64,
+    /// Expected calibration error (15 bins) at the outcomes' temperatures.
+    pub ece: f64,
+    /// The most confident wrong predictions: (confidence, example index, true, predicted).
+    pub mistakes: Vec<(f32, usize, String, String)>,
+    /// Texts of the mistakes, shortened for display.
+    pub mistake_texts: Vec<String>,
+}
+
+/// Rows, right, count per true label, count per wrong prediction.
+type SourceTally = (usize, usize, BTreeMap<usize, usize>, BTreeMap<usize, usize>);
+
+/// Builds the report for `outcomes` on `examples` (rows the outcomes point into).
+pub fn full_report(labels: &[String], outcomes: &[Outcome], examples: &[Example]) -> FullReport {
+    let k = labels.len();
+    let mut confusion = vec![vec![0usize; k]; k];
+    let mut per_source: BTreeMap<String, SourceTally> = BTreeMap::new();
+    let mut conf = Vec::with_capacity(outcomes.len());
+    let mut correct = Vec::with_capacity(outcomes.len());
+    let mut mistakes = Vec::new();
+    for o in outcomes {
+        let (p, c) = o.predicted();
+        if let Some(cell) = confusion.get_mut(o.truth).and_then(|r| r.get_mut(p)) {
+            *cell += 1;
+        }
+        conf.push(c);
+        correct.push(p == o.truth);
+        let src = examples
+            .get(o.index)
+            .and_then(|e| e.source.clone())
+            .unwrap_or_else(|| "-".into());
+        let row = per_source.entry(src).or_default();
+        row.0 += 1;
+        *row.2.entry(o.truth).or_default() += 1;
+        if p == o.truth {
+            row.1 += 1;
+        } else {
+            *row.3.entry(p).or_default() += 1;
+            mistakes.push((c, o.index, o.truth, p));
+        }
+    }
+    let name = |i: usize| labels.get(i).cloned().unwrap_or_else(|| "?".into());
+    let sources: Vec<SourceRow> = per_source
+        .into_iter()
+        .map(|(source, (n, right, truths, wrongs))| SourceRow {
+            source,
+            label: truths
+                .iter()
+                .max_by_key(|(_, &c)| c)
+                .map(|(&l, _)| name(l))
+                .unwrap_or_default(),
+            n,
+            accuracy: ratio(right, n),
+            top_error: wrongs
+                .iter()
+                .max_by_key(|(_, &c)| c)
+                .map(|(&l, &c)| (name(l), c)),
+        })
+        .collect();
+    let mean_source_accuracy = if sources.is_empty() {
+        0.0
+    } else {
+        sources.iter().map(|r| r.accuracy).sum::<f64>() / sources.len() as f64
+    };
+    mistakes.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    mistakes.truncate(20);
+    let mistake_texts = mistakes
+        .iter()
+        .map(|m| {
+            let t = examples.get(m.1).map(|e| e.text.as_str()).unwrap_or("");
+            let flat: String = t.split_whitespace().collect::<Vec<_>>().join(" ");
+            let mut short: String = flat.chars().take(90).collect();
+            if flat.chars().count() > 90 {
+                short.push('…');
+            }
+            short
+        })
+        .collect();
+    FullReport {
+        metrics: report_from_confusion(labels.to_vec(), confusion, 0),
+        sources,
+        mean_source_accuracy,
+        ece: expected_calibration_error(&conf, &correct, 15),
+        mistakes: mistakes
+            .into_iter()
+            .map(|(c, i, t, p)| (c, i, name(t), name(p)))
+            .collect(),
+        mistake_texts,
+    }
+}
+
+impl fmt::Display for FullReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.metrics)?;
+        writeln!(
+            f,
+            "mean per-source accuracy {:.4} over {} sources; expected calibration error {:.4}",
+            self.mean_source_accuracy,
+            self.sources.len(),
+            self.ece
+        )?;
+        let src_w = self
+            .sources
+            .iter()
+            .map(|r| r.source.chars().count())
+            .max()
+            .unwrap_or(6)
+            .clamp(6, 48);
+        writeln!(f, "per source:")?;
+        writeln!(
+            f,
+            "{:<src_w$}  {:<10}  {:>5}  {:>8}  most common error",
+            "source", "label", "n", "accuracy"
+        )?;
+        for r in &self.sources {
+            let err = r
+                .top_error
+                .as_ref()
+                .map(|(l, c)| format!("{l} ({c})"))
+                .unwrap_or_default();
+            writeln!(
+                f,
+                "{:<src_w$}  {:<10}  {:>5}  {:>8.3}  {err}",
+                truncate(&r.source, src_w),
+                r.label,
+                r.n,
+                r.accuracy
+            )?;
+        }
+        writeln!(f, "most confident mistakes:")?;
+        for ((c, _, t, p), text) in self.mistakes.iter().zip(&self.mistake_texts) {
+            writeln!(f, "  {c:.3}  {t:>10} -> {p:<10}  {text}")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -385,5 +668,100 @@ mod tests {
         assert_eq!(r.skipped, 1);
         assert_eq!(r.accuracy, 1.0);
         assert_eq!(r.confusion, vec![vec![10, 0], vec![0, 10]]);
+    }
+
+    /// Two labels, each from several sources with their own wording on top of shared
+    /// label words, so a model must carry the shared words to an unseen source.
+    fn sourced() -> Vec<Example> {
+        let mut v = Vec::new();
+        for (s, extra) in [("m1", "apples"), ("m2", "trains"), ("m3", "coins")] {
+            for i in 0..12 {
+                v.push(ex(
+                    &format!("compute the sum of {i} {extra} plus {} {extra}", i + 2),
+                    "math",
+                    Some(s),
+                ));
+            }
+        }
+        for (s, extra) in [("c1", "friend"), ("c2", "buddy"), ("c3", "pal")] {
+            for i in 0..12 {
+                v.push(ex(
+                    &format!("hello {extra}, how are you doing today {i}"),
+                    "chat",
+                    Some(s),
+                ));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn source_cv_predicts_every_row_from_a_model_without_its_source() {
+        let data = sourced();
+        let opts = TrainOptions {
+            features: crate::classify::embedded::FeatureConfig {
+                hash_bits: 12,
+                ..Default::default()
+            },
+            ..TrainOptions::default()
+        };
+        let mut calls = Vec::new();
+        let mut cv = source_cv(&data, &opts, |d, t| calls.push((d, t))).unwrap();
+        assert_eq!(calls.last(), Some(&(6, 6)));
+        assert_eq!(cv.outcomes.len(), data.len());
+        assert!(cv.outcomes.iter().enumerate().all(|(i, o)| o.index == i));
+        assert!(cv.temperature > 0.0);
+        let report = full_report(&cv.labels, &cv.outcomes, &data);
+        assert_eq!(report.sources.len(), 6);
+        assert!(report.sources.iter().all(|r| r.n == 12));
+        // The shared label words carry over to every held-out source.
+        assert!(report.metrics.accuracy > 0.9, "{report}");
+        cross_fit_temperatures(&mut cv.outcomes, &data);
+        assert!(cv.outcomes.iter().all(|o| o.temperature > 0.0));
+        let text = full_report(&cv.labels, &cv.outcomes, &data).to_string();
+        assert!(
+            text.contains("per source:") && text.contains("m2"),
+            "{text}"
+        );
+        // One source only: nothing to hold out against.
+        let one: Vec<Example> = data
+            .iter()
+            .filter(|e| e.source.as_deref() == Some("m1"))
+            .cloned()
+            .collect();
+        assert!(source_cv(&one, &opts, |_, _| {}).is_err());
+    }
+
+    #[test]
+    fn report_lists_confident_mistakes_and_per_source_errors() {
+        let data = vec![
+            ex("a", "x", Some("s1")),
+            ex("b", "x", Some("s1")),
+            ex("c", "y", Some("s2")),
+        ];
+        let o = |index, truth, logits: Vec<f32>| Outcome {
+            index,
+            truth,
+            logits,
+            temperature: 1.0,
+        };
+        let outcomes = vec![
+            o(0, 0, vec![3.0, 0.0]),
+            o(1, 0, vec![0.0, 2.0]), // wrong, p(y) = 0.88
+            o(2, 1, vec![4.0, 0.0]), // wrong, p(x) = 0.98
+        ];
+        let r = full_report(&["x".into(), "y".into()], &outcomes, &data);
+        assert_eq!(r.mistakes.len(), 2);
+        assert_eq!(r.mistakes[0].1, 2, "most confident first");
+        assert_eq!(
+            (r.mistakes[0].2.as_str(), r.mistakes[0].3.as_str()),
+            ("y", "x")
+        );
+        assert_eq!(r.sources[0].source, "s1");
+        assert!((r.sources[0].accuracy - 0.5).abs() < 1e-12);
+        assert_eq!(r.sources[0].top_error, Some(("y".into(), 1)));
+        assert!((r.mean_source_accuracy - 0.25).abs() < 1e-12);
+        assert_eq!(r.metrics.confusion, vec![vec![1, 1], vec![1, 0]]);
+        assert!(r.ece > 0.5);
     }
 }

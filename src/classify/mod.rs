@@ -1,2 +1,3 @@
+pub mod calibrate;
 pub mod embedded;
 pub mod eval;
