@@ -11,7 +11,7 @@ use super::{LogFacts, RequestId};
 use crate::cache::{self, Entry, FillGuard, Lookup};
 use crate::config::{CacheScope, ModelConfig, RouterConfig};
 use crate::guard::{CeilingHit, Guard, LoopAction, SessionKey, SessionRefusal};
-use crate::limits::{self, Admission, AdmitError, AdmitRequest, Settlement};
+use crate::limits::{self, Admission, AdmitError, AdmitRequest, LimitStore, Settlement};
 use crate::metrics::{CacheOutcome, LimitKind, RequestRecord, UsageRecord};
 use crate::route::{self, Candidate, Classification, RouteDecision, RouteReason};
 use crate::upstream::sse::{frame, DONE_FRAME};
@@ -133,11 +133,7 @@ impl Bill {
 }
 
 pub fn price_of(m: &ModelConfig) -> limits::Price {
-    limits::Price {
-        input_per_mtok: m.price.input,
-        cached_input_per_mtok: m.price.cached_input,
-        output_per_mtok: m.price.output,
-    }
+    m.price
 }
 
 pub fn cost_of(m: &ModelConfig, u: &Usage) -> u64 {
@@ -310,7 +306,7 @@ async fn chat(
     if let Target::Router(r) = &target {
         if matches!(r.classifier, crate::config::ClassifierKind::Llm { .. }) {
             let reserve = router_worst_case(app, &rt, &chat, r);
-            let a = admit(app, caller, chat.features.prompt_tokens, reserve)?;
+            let a = admit(app, caller, chat.features.prompt_tokens, reserve).await?;
             push_rate_headers(&a, &mut extra_headers);
             early = Some(a);
         }
@@ -354,7 +350,8 @@ async fn chat(
                     rid,
                     extra_headers,
                     facts,
-                );
+                )
+                .await;
             }
             Lookup::Miss(g) => {
                 app.metrics.record_cache_lookup("response", false);
@@ -374,7 +371,7 @@ async fn chat(
         Some(a) => a,
         None => {
             let reserve = reservation(&rt, &chat, &plan);
-            let a = admit(app, caller, chat.features.prompt_tokens, reserve)?;
+            let a = admit(app, caller, chat.features.prompt_tokens, reserve).await?;
             push_rate_headers(&a, &mut extra_headers);
             a
         }
@@ -1001,7 +998,7 @@ fn router_worst_case(
 }
 
 /// Step 7: one admission for rate limits and the spend reservation.
-fn admit(
+async fn admit(
     app: &AppState,
     caller: &Caller,
     est_tokens: u64,
@@ -1010,11 +1007,12 @@ fn admit(
     let Some(key) = caller.name() else {
         return Ok(None);
     };
-    match app.limiter.admit(&AdmitRequest {
+    let req = AdmitRequest {
         key,
         est_tokens,
         reserve_nanos: reserve,
-    }) {
+    };
+    match app.limiter.admit(&req).await {
         Ok(a) => Ok(Some(a)),
         Err(AdmitError::UnknownKey(_)) => Ok(None),
         Err(AdmitError::Unavailable(msg)) => {
@@ -1106,7 +1104,7 @@ fn now_secs() -> u64 {
 
 /// A cache hit: no upstream call and no charge, but limits still count it.
 #[allow(clippy::too_many_arguments)]
-fn serve_hit(
+async fn serve_hit(
     app: &Arc<AppState>,
     caller: &Caller,
     chat: &ChatRequest,
@@ -1123,7 +1121,7 @@ fn serve_hit(
     let admission = match early {
         Some(a) => a,
         None => {
-            let a = admit(app, caller, chat.features.prompt_tokens, 0)?;
+            let a = admit(app, caller, chat.features.prompt_tokens, 0).await?;
             push_rate_headers(&a, &mut extra);
             a
         }
@@ -1593,7 +1591,7 @@ pub(crate) async fn passthrough(
         })
         .max()
         .unwrap_or(0);
-    let admission = admit(app, caller, prompt, reserve)?;
+    let admission = admit(app, caller, prompt, reserve).await?;
     let mut extra = Vec::new();
     push_rate_headers(&admission, &mut extra);
     let plan = Plan {

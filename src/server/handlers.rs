@@ -5,6 +5,7 @@ use super::state::{AppState, Runtime};
 use super::RequestId;
 use crate::auth::{presented_key, KeyIdentity};
 use crate::config::{AuthMode, ModelConfig};
+use crate::limits::LimitStore;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -83,11 +84,11 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     if app.runtime.load().config.metrics.listen.is_some() {
         return ApiError::not_found().into_response();
     }
-    render_metrics(&app)
+    render_metrics(&app).await
 }
 
 /// The Prometheus page; also served on `metrics.listen` when set.
-pub fn render_metrics(app: &AppState) -> Response {
+pub async fn render_metrics(app: &AppState) -> Response {
     if !app.runtime.load().config.metrics.enabled {
         return ApiError::not_found().into_response();
     }
@@ -103,7 +104,7 @@ pub fn render_metrics(app: &AppState) -> Response {
     // Budget gauges are read at scrape time, not on every request: with a
     // shared store a status read is a network round trip.
     for k in &app.runtime.load().config.keys {
-        if let Some(st) = app.limiter.status(&k.name) {
+        if let Some(st) = app.limiter.status(&k.name).await {
             app.metrics.set_period_spend(&k.name, st.key.spent_nanos);
             if let Some(rem) = st.key.remaining_nanos {
                 app.metrics
@@ -124,7 +125,7 @@ pub async fn key_self(
 ) -> Response {
     match caller.0 {
         Some(k) => {
-            let status = app.limiter.status(&k.name);
+            let status = app.limiter.status(&k.name).await;
             Json(json!({"name": k.name, "team": k.team, "allow": k.allow, "limits": status}))
                 .into_response()
         }

@@ -1,10 +1,11 @@
-//! The async Redis client behind the shared session store (`guard::RedisSessionStore`) and the
-//! shared response-cache tier (`cache::SharedTier`), for `[store] kind = "redis"`.
+//! The async Redis client behind the shared limits (`limits::RedisLimiter`), the shared session
+//! store (`guard::RedisSessionStore`) and the shared response-cache tier (`cache::SharedTier`),
+//! for `[store] kind = "redis"`.
 //!
 //! One multiplexed connection, opened lazily and reopened after any failure; every call is
-//! bounded by the store's `timeout`. A breaker (the limiter's) skips Redis for
-//! `limits::RETRY_EVERY` after a failure, then lets one call probe it, so requests never queue on
-//! a dead server. What to do instead (local fallback, refusal, skipping) is the caller's policy.
+//! bounded by the store's `timeout`. A [`Breaker`] skips Redis for [`RETRY_EVERY`] after a
+//! failure, then lets one call probe it, so requests never queue on a dead or stalled server.
+//! What to do instead (local fallback, refusal, skipping) is the caller's policy.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,9 @@ use std::time::Duration;
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError};
 
-use crate::limits::{Breaker, StoreEvent, StoreEvents};
+#[cfg(doc)]
+use super::breaker::RETRY_EVERY;
+use super::breaker::{Breaker, StoreEvent, StoreEvents};
 
 /// A shared async Redis connection with a timeout and a breaker; cheap to share (`Arc`).
 pub struct SharedRedis {
@@ -40,7 +43,8 @@ impl std::fmt::Debug for SharedRedis {
 
 impl SharedRedis {
     /// A client for `url`; nothing is connected yet (Redis may come up after the gateway).
-    /// `events` receives `Unavailable` events emitted through [`SharedRedis::unavailable`].
+    /// `events` receives `Up` on breaker transitions and the `Unavailable` events emitted through
+    /// [`SharedRedis::unavailable`].
     pub fn new(
         url: &str,
         key_prefix: &str,
@@ -72,9 +76,18 @@ impl SharedRedis {
     /// Reports a call that did not reach Redis (`op`: session|cache; `outcome`: what happened
     /// instead) to the metrics.
     pub fn unavailable(&self, op: &'static str, outcome: &'static str) {
+        self.emit(StoreEvent::Unavailable { op, outcome });
+    }
+
+    fn emit(&self, e: StoreEvent) {
         if let Some(f) = &self.events {
-            f(StoreEvent::Unavailable { op, outcome });
+            f(e);
         }
+    }
+
+    /// Connect/response timeout of one call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
@@ -137,14 +150,16 @@ impl SharedRedis {
         match &res {
             Ok(_) => {
                 if self.breaker.success() {
-                    tracing::info!(url = %self.url, "redis (sessions, shared cache) is reachable again");
+                    tracing::info!(url = %self.url, "redis store is reachable again");
+                    self.emit(StoreEvent::Up(true));
                 }
             }
             Err(e) => {
                 // A dead connection stays dead (e.g. after a Redis restart): reopen next time.
                 self.conn.lock().await.take();
                 if self.breaker.failure() {
-                    tracing::warn!(url = %self.url, error = %e, "redis (sessions, shared cache) unreachable");
+                    tracing::warn!(url = %self.url, error = %e, "redis store unreachable");
+                    self.emit(StoreEvent::Up(false));
                 } else {
                     tracing::debug!(error = %e, "redis call failed");
                 }
