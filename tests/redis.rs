@@ -32,7 +32,7 @@ max_output_tokens = 1
         sha(KEY2)
     );
     let store = format!(
-        "[store]\nkind = \"redis\"\nurl = \"{redis}\"\non_unavailable = \"{policy}\"\nstate_dir = \"{}\"\nreservation_ttl = \"1m\"\n",
+        "[store]\nkind = \"redis\"\nurl = \"{redis}\"\non_unavailable = \"{policy}\"\nstate_dir = \"{}\"\nreservation_ttl = \"1m\"\ntimeout = \"2s\"\n",
         state_dir.display()
     );
     let toml = config(upstream, &extra).replace("[store]\nkind = \"memory\"\n", &store);
@@ -772,12 +772,11 @@ async fn a_stalled_redis_does_not_stall_other_requests() {
     let dir = tempfile::tempdir().unwrap();
     let toml = redis_config(&up.url, &redis.url(), "fail_open", dir.path(), "")
         .replace("{RPM}", "1000")
-        .replace(
-            "reservation_ttl = \"1m\"\n",
-            "reservation_ttl = \"1m\"\ntimeout = \"100ms\"\n",
-        );
+        .replace("timeout = \"2s\"\n", "timeout = \"100ms\"\n");
     let shared = start_gateway(&toml).await;
-    let local = start_gateway(&config(&up.url, "rpm = 1000")).await;
+    // A gateway with its limits in memory, in the same runtime.
+    let flat = "rpm = 1000\n[models.flat]\nprovider = \"up\"\nupstream_model = \"flat-upstream\"\nprice = { input = 0.0, output = 1000.0 }\nmax_output_tokens = 1\n";
+    let local = start_gateway(&config(&up.url, flat)).await;
     // Connected, scripts loaded, and one settlement in flight when Redis stops answering.
     assert_eq!(ask(&shared, KEY).await.0, 200);
 

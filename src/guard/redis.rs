@@ -101,7 +101,10 @@ impl RedisSessionStore {
         }
         inv.arg(ms(idle_ttl));
         self.redis
-            .call(|mut con| async move { inv.invoke_async(&mut con).await })
+            .call(|mut con| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut con).await }
+            })
             .await
     }
 }
@@ -180,7 +183,10 @@ impl SessionStore for RedisSessionStore {
             .arg(ms(idle_ttl));
         let res: Result<i64, _> = self
             .redis
-            .call(|mut con| async move { inv.invoke_async(&mut con).await })
+            .call(|mut con| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut con).await }
+            })
             .await;
         if res.is_err() {
             if self.fail_open {
@@ -200,7 +206,10 @@ impl SessionStore for RedisSessionStore {
         inv.key(self.redis_key(key));
         let res: Result<Vec<i64>, _> = self
             .redis
-            .call(|mut con| async move { inv.invoke_async(&mut con).await })
+            .call(|mut con| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut con).await }
+            })
             .await;
         match res {
             Ok(v) if v.len() == 4 => {

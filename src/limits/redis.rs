@@ -175,7 +175,10 @@ impl Finisher {
             }
             let _: i64 = self
                 .redis
-                .call(|mut con| async move { inv.invoke_async(&mut con).await })
+                .call(|mut con| {
+                    let inv = &inv;
+                    async move { inv.invoke_async(&mut con).await }
+                })
                 .await?;
         }
         Ok(())
@@ -668,7 +671,10 @@ impl RedisLimiter {
         }
         let v: Vec<i64> = i
             .redis
-            .call(|mut con| async move { inv.invoke_async(&mut con).await })
+            .call(|mut con| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut con).await }
+            })
             .await?;
         parse_admit(&v, group.len())
     }
@@ -756,7 +762,10 @@ impl RedisLimiter {
             }
             let v: Vec<i64> = i
                 .redis
-                .call(|mut con| async move { inv.invoke_async(&mut con).await })
+                .call(|mut con| {
+                    let inv = &inv;
+                    async move { inv.invoke_async(&mut con).await }
+                })
                 .await?;
             if v.len() != 7 * group.len() {
                 return Err(RedisError::from((

@@ -90,11 +90,12 @@ impl SharedRedis {
         self.timeout
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+    /// The shared connection, and whether it was opened by this call.
+    async fn connection(&self) -> Result<(MultiplexedConnection, bool), RedisError> {
         let failures = self.connect_failures.load(Ordering::Acquire);
         let mut slot = self.conn.lock().await;
         if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
+            return Ok((c.clone(), false));
         }
         // Whoever held the lock just failed to connect: don't queue up one timeout each.
         if self.connect_failures.load(Ordering::Acquire) != failures {
@@ -113,7 +114,7 @@ impl SharedRedis {
         {
             Ok(c) => {
                 *slot = Some(c.clone());
-                Ok(c)
+                Ok((c, true))
             }
             Err(e) => {
                 self.connect_failures.fetch_add(1, Ordering::AcqRel);
@@ -122,11 +123,35 @@ impl SharedRedis {
         }
     }
 
+    /// One try of `f`; the flag says whether it failed on a cached connection the server had
+    /// closed (e.g. after a restart: the command never ran, a fresh connection may succeed).
+    async fn attempt<T, Fut>(
+        &self,
+        f: &impl Fn(MultiplexedConnection) -> Fut,
+    ) -> Result<T, (RedisError, bool)>
+    where
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let (con, fresh) = self.connection().await.map_err(|e| (e, false))?;
+        match tokio::time::timeout(self.timeout * 2, f(con)).await {
+            Ok(r) => r.map_err(|e| {
+                let stale = !fresh && e.is_unrecoverable_error();
+                (e, stale)
+            }),
+            Err(_) => Err((
+                RedisError::from((ErrorKind::IoError, "redis call timed out")),
+                false,
+            )),
+        }
+    }
+
     /// Runs `f` on the connection, within twice the timeout (a script call may need `EVALSHA`
-    /// and `EVAL` after a Redis restart). Fails at once while the breaker is open.
+    /// and `EVAL` after a Redis restart). Fails at once while the breaker is open. A cached
+    /// connection the server closed (e.g. after a restart; the command never ran) is replaced
+    /// and `f` runs once more, so one restart does not open the breaker.
     pub async fn call<T, Fut>(
         &self,
-        f: impl FnOnce(MultiplexedConnection) -> Fut,
+        f: impl Fn(MultiplexedConnection) -> Fut,
     ) -> Result<T, RedisError>
     where
         Fut: Future<Output = Result<T, RedisError>>,
@@ -137,16 +162,12 @@ impl SharedRedis {
                 "redis skipped after a recent failure",
             )));
         }
-        let res = match self.connection().await {
-            Ok(con) => match tokio::time::timeout(self.timeout * 2, f(con)).await {
-                Ok(r) => r,
-                Err(_) => Err(RedisError::from((
-                    ErrorKind::IoError,
-                    "redis call timed out",
-                ))),
-            },
-            Err(e) => Err(e),
-        };
+        let mut res = self.attempt(&f).await;
+        if matches!(res, Err((_, true))) {
+            self.conn.lock().await.take();
+            res = self.attempt(&f).await;
+        }
+        let res = res.map_err(|(e, _)| e);
         match &res {
             Ok(_) => {
                 if self.breaker.success() {
