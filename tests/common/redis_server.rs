@@ -26,7 +26,10 @@ fn skip(why: &str) -> Option<Redis> {
         !redis_required(),
         "TRIAGE_REQUIRE_REDIS=1 but {why}: install redis-server"
     );
-    eprintln!("SKIPPED: {why}");
+    // Straight to stderr: libtest hides `eprintln!` output of passing tests.
+    use std::io::Write;
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
     None
 }
 
