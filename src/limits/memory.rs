@@ -1,4 +1,4 @@
-//! In-memory [`LimitBackend`]: per-subject state behind small locks and atomics.
+//! In-memory [`LimitStore`]: per-subject state behind small locks and atomics.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -218,7 +218,8 @@ pub struct SettleOutcome {
     pub overrun_nanos: u64,
 }
 
-/// Backend half of an admission; lets another [`LimitBackend`] (e.g. Redis) supply its own.
+/// A store's half of an admission ([`LimitStore`]). `settle` and `release` must not block or do
+/// I/O: they run in `Drop` and in stream callbacks.
 pub trait AdmissionTicket: Send + Sync {
     /// Replaces the reservation with the actual usage; called at most once.
     fn settle(&mut self, s: &Settlement<'_>) -> SettleOutcome;
