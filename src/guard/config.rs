@@ -291,7 +291,15 @@ mod tests {
         assert!(spend("-1.0").is_err());
         assert!(spend("-1").is_err());
         assert!(spend("\"abc\"").is_err());
-        assert!(spend("\"1.0000000001\"").is_err());
+        // Past the ninth decimal the one USD parser rounds half up, like every other amount.
+        assert_eq!(
+            spend("\"1.0000000001\"").unwrap().max_spend_usd,
+            Some(UsdNanos(1_000_000_000))
+        );
+        assert_eq!(
+            spend("\"1.0000000005\"").unwrap().max_spend_usd,
+            Some(UsdNanos(1_000_000_001))
+        );
         assert!(spend("\"99999999999999999999\"").is_err());
         assert!(spend("nan").is_err());
         assert_eq!(UsdNanos::parse(".5"), Ok(UsdNanos(500_000_000)));

@@ -359,14 +359,15 @@ impl LimitStore for LimitBackend {
     async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, AdmitError> {
         match self {
             LimitBackend::Memory(l) => l.admit(req),
-            LimitBackend::Redis(r) => r.admit(req).await,
+            // Boxed so the Redis future does not enlarge every request's future.
+            LimitBackend::Redis(r) => Box::pin(r.admit(req)).await,
         }
     }
 
     async fn status(&self, key: &str) -> Option<KeyStatus> {
         match self {
             LimitBackend::Memory(l) => l.status(key),
-            LimitBackend::Redis(r) => r.status(key).await,
+            LimitBackend::Redis(r) => Box::pin(r.status(key)).await,
         }
     }
 
