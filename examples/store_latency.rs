@@ -2,14 +2,17 @@
 //! Latency each limit store adds per request: the in-memory `Limiter` against `RedisLimiter`
 //! on a local `redis-server` (started here on a free port, or `REDIS_URL`).
 //!
+//! Redis settlement only hands a job to the settler task, so its `settle` is the hand-off; the
+//! settler's throughput shows in the concurrent run, which waits for every settlement.
+//!
 //!     cargo run --profile bench --example store_latency [-- ITERATIONS]
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use triage::limits::{
-    AdmitRequest, Clock, KeySpec, LimitBackend, LimitSpec, LimitSpecs, Limiter, Period,
-    RedisLimiter, RedisSettings, Settlement,
+    AdmitRequest, Clock, KeySpec, LimitSpec, LimitSpecs, LimitStore, Limiter, Period, RedisLimiter,
+    RedisSettings, Settlement,
 };
 
 fn specs() -> LimitSpecs {
@@ -37,7 +40,7 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn measure(name: &str, l: &dyn LimitBackend, n: usize) {
+async fn measure(name: &str, l: &impl LimitStore, n: usize) {
     let req = AdmitRequest {
         key: "k",
         est_tokens: 500,
@@ -52,7 +55,7 @@ fn measure(name: &str, l: &dyn LimitBackend, n: usize) {
         ..Settlement::default()
     };
     for _ in 0..n / 10 {
-        l.admit(&req).unwrap().settle(&s);
+        l.admit(&req).await.unwrap().settle(&s);
     }
     let (mut admit, mut settle, mut status) = (
         Vec::with_capacity(n),
@@ -61,11 +64,11 @@ fn measure(name: &str, l: &dyn LimitBackend, n: usize) {
     );
     for _ in 0..n {
         let t = Instant::now();
-        let a = l.admit(&req).unwrap();
+        let a = l.admit(&req).await.unwrap();
         let t1 = Instant::now();
         a.settle(&s);
         let t2 = Instant::now();
-        std::hint::black_box(l.status("k"));
+        std::hint::black_box(l.status("k").await);
         let t3 = Instant::now();
         admit.push(t1 - t);
         settle.push(t2 - t1);
@@ -85,13 +88,14 @@ fn measure(name: &str, l: &dyn LimitBackend, n: usize) {
     }
 }
 
-fn main() {
+#[tokio::main]
+async fn main() {
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(20_000);
     let mem = Limiter::new(&specs(), Clock::system(), None).unwrap();
-    measure("memory", &mem, n);
+    measure("memory", &mem, n).await;
 
     let mut child = None;
     let url = match std::env::var("REDIS_URL") {
@@ -117,7 +121,7 @@ fn main() {
                 .spawn()
                 .expect("redis-server (or set REDIS_URL)");
             child = Some(c);
-            std::thread::sleep(Duration::from_millis(300));
+            tokio::time::sleep(Duration::from_millis(300)).await;
             format!("redis://127.0.0.1:{port}/")
         }
     };
@@ -129,15 +133,16 @@ fn main() {
         fail_open: false,
         per_subject_calls: false,
     };
-    // The floor: one PING round trip on a blocking connection.
+    // The floor: one PING round trip on an async connection.
     let mut con = redis::Client::open(url.as_str())
         .unwrap()
-        .get_connection()
+        .get_multiplexed_async_connection()
+        .await
         .unwrap();
     let mut ping = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let _: String = redis::cmd("PING").query(&mut con).unwrap();
+        let _: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
         ping.push(t.elapsed());
     }
     let mean = ping.iter().sum::<Duration>() / n as u32;
@@ -147,8 +152,8 @@ fn main() {
         pct(&mut ping, 0.99)
     );
     let redis = Arc::new(RedisLimiter::new(&specs(), settings.clone(), None, None).unwrap());
-    redis.ping().unwrap();
-    measure("redis", redis.as_ref(), n);
+    redis.ping().await.unwrap();
+    measure("redis", redis.as_ref(), n).await;
     let split = RedisLimiter::new(
         &specs(),
         RedisSettings {
@@ -159,31 +164,37 @@ fn main() {
         None,
     )
     .unwrap();
-    measure("split", &split, n);
+    measure("split", &split, n).await;
 
-    // Throughput with 4 threads admitting and settling at once on one replica.
+    // Throughput with 4 tasks admitting and settling at once on one replica, until every
+    // settlement is in Redis.
+    redis.flush(Duration::from_secs(30)).await;
     let t = Instant::now();
-    std::thread::scope(|sc| {
-        for _ in 0..4 {
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
             let r = redis.clone();
-            sc.spawn(move || {
+            tokio::spawn(async move {
                 let req = AdmitRequest {
                     key: "k",
                     est_tokens: 500,
                     reserve_nanos: 10_000,
                 };
                 for _ in 0..n / 4 {
-                    r.admit(&req).unwrap().settle(&Settlement {
+                    r.admit(&req).await.unwrap().settle(&Settlement {
                         cost_nanos: 5_000,
                         ..Settlement::default()
                     });
                 }
-            });
-        }
-    });
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(redis.flush(Duration::from_secs(30)).await, 0);
     let el = t.elapsed();
     println!(
-        "redis   4 threads: {:.0} admit+settle per second",
+        "redis   4 tasks: {:.0} admit+settle per second",
         n as f64 / el.as_secs_f64()
     );
     if let Some(mut c) = child {

@@ -607,6 +607,7 @@ async fn serve(path: PathBuf, listen: Option<String>) -> Result<(), String> {
     spawn_reloader(state.clone(), path.clone());
     tracing::info!(%addr, config = %path.display(), "triage listening; OpenAI base URL http://{addr}/v1");
     triage::server::serve(state.clone(), listener, shutdown_signal()).await;
+    state.flush_limits(std::time::Duration::from_secs(5)).await;
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || st.flush()).await;
     tracing::info!("stopped");

@@ -595,7 +595,7 @@ async fn a_hit_charges_nothing() {
     // The first lines of `extra` still belong to `[keys.app]`.
     let extra = format!("budget = 10.0\n{}", cache_toml(""));
     let gw = start_gateway(&config(&up.url, &extra)).await;
-    let spent = || gw.state.limiter.status("app").unwrap().key.spent_nanos;
+    let spent = || spent(&gw, "app");
     assert_eq!(spent(), 0);
     let body = json!({"model": "fast", "messages": user("how much does this cost")});
     let first = expect(&gw, &body, &[], "miss").await;
@@ -611,7 +611,7 @@ async fn a_hit_charges_nothing() {
         );
     }
     assert_eq!(spent(), after_miss, "hits must not be charged");
-    let st = gw.state.limiter.status("app").unwrap();
+    let st = key_limits(&gw, "app");
     assert_eq!(st.key.reserved_nanos, 0);
     assert_eq!(up.calls(), 1);
     // The key's own view agrees.

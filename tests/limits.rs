@@ -63,14 +63,6 @@ async fn key_self(gw: &Gateway, key: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-fn spent(gw: &Gateway, key: &str) -> u64 {
-    gw.state.limiter.status(key).unwrap().key.spent_nanos
-}
-
-fn in_flight(gw: &Gateway, key: &str) -> u32 {
-    gw.state.limiter.status(key).unwrap().key.in_flight
-}
-
 /// The test config with a durable SQLite store in `dir`.
 fn sqlite_config(url: &str, extra: &str, dir: &Path) -> String {
     let base = config(url, extra);
@@ -236,7 +228,7 @@ async fn budget_holds_when_the_provider_counts_more_prompt_tokens_than_estimated
             ok += 1;
         }
     }
-    let st = gw.state.limiter.status("app").unwrap().key;
+    let st = key_limits(&gw, "app").key;
     assert!(ok >= 20, "at least the reserved-for requests succeed: {ok}");
     assert_eq!(st.spent_nanos, ok * (11 * 1000 + 10 * 2000));
     assert!(
@@ -262,16 +254,7 @@ async fn concurrent_requests_never_overspend_the_budget() {
     let budget = 100 * HI_RESERVE; // 3_200_000 nano-dollars
     let extra = "budget = 0.0032\nperiod = \"total\"\n";
     let gw = start_gateway(&config(&up.url, extra)).await;
-    assert_eq!(
-        gw.state
-            .limiter
-            .status("app")
-            .unwrap()
-            .key
-            .limits
-            .budget_nanos,
-        Some(budget)
-    );
+    assert_eq!(key_limits(&gw, "app").key.limits.budget_nanos, Some(budget));
 
     let client = http();
     let url = format!("{}/chat/completions", gw.base_url());
@@ -317,7 +300,7 @@ async fn concurrent_requests_never_overspend_the_budget() {
             other => panic!("unexpected status {other}: {body}"),
         }
     }
-    let st = gw.state.limiter.status("app").unwrap().key;
+    let st = key_limits(&gw, "app").key;
     println!(
         "overspend test: {ok} succeeded, {refused} refused, spent {} of budget {budget} nano-dollars (reserved {}, upstream calls {})",
         st.spent_nanos,
@@ -588,7 +571,7 @@ budget = 1.0
         assert!(h.get("retry-after").is_some());
     }
     // Each key alone is far below its own rpm.
-    let st = gw.state.limiter.status("a").unwrap();
+    let st = key_limits(&gw, "a");
     assert_eq!(st.team.as_ref().unwrap().name, "t");
     assert_eq!(st.key.limits.rpm, Some(100));
 
@@ -815,7 +798,7 @@ async fn disconnect_mid_stream_settles_a_partial_charge() {
     assert!(
         eventually(|| in_flight(&gw, "app") == 0 && spent(&gw, "app") > full).await,
         "abandoned stream never settled: {:?}",
-        gw.state.limiter.status("app")
+        key_limits(&gw, "app")
     );
     let partial = spent(&gw, "app") - full;
     println!("partial charge {partial} nano-dollars vs full answer {full}");
@@ -823,10 +806,7 @@ async fn disconnect_mid_stream_settles_a_partial_charge() {
         partial > 0 && partial < full,
         "partial {partial}, full {full}"
     );
-    assert_eq!(
-        gw.state.limiter.status("app").unwrap().key.reserved_nanos,
-        0
-    );
+    assert_eq!(key_limits(&gw, "app").key.reserved_nanos, 0);
     assert!(
         eventually(|| up.state.cancelled.load(std::sync::atomic::Ordering::SeqCst) >= 1).await,
         "upstream stream not cancelled"
@@ -892,12 +872,9 @@ max_output_tokens = 10
     assert!(
         eventually(|| spent(&gw, "app") == 7_000_001 + 2 * 1000 + 3 * 2000).await,
         "{:?}",
-        gw.state.limiter.status("app")
+        key_limits(&gw, "app")
     );
-    assert_eq!(
-        gw.state.limiter.status("app").unwrap().key.reserved_nanos,
-        0
-    );
+    assert_eq!(key_limits(&gw, "app").key.reserved_nanos, 0);
     gw.shutdown().await;
 }
 

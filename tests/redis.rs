@@ -5,76 +5,10 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use triage::limits::SubjectKind;
 use triage::server::Gateway;
 use triage::store::SpendLedger;
-
-/// A `redis-server` child on 127.0.0.1, without persistence.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    /// `None` (after printing why) when redis-server is not installed.
-    async fn start() -> Option<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port).await
-    }
-
-    async fn start_on(port: u16) -> Option<Redis> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let Ok(child) = child else {
-            eprintln!("SKIPPED: redis-server is not installed");
-            return None;
-        };
-        let r = Redis { child, port };
-        let client = redis::Client::open(r.url()).unwrap();
-        for _ in 0..300 {
-            if let Ok(mut c) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return Some(r);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("redis-server did not start on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// `extra` goes into `[keys.app]` first (limits of the key `app` = KEY), then may add tables.
 fn redis_config(
@@ -98,7 +32,7 @@ max_output_tokens = 1
         sha(KEY2)
     );
     let store = format!(
-        "[store]\nkind = \"redis\"\nurl = \"{redis}\"\non_unavailable = \"{policy}\"\nstate_dir = \"{}\"\nreservation_ttl = \"1m\"\n",
+        "[store]\nkind = \"redis\"\nurl = \"{redis}\"\non_unavailable = \"{policy}\"\nstate_dir = \"{}\"\nreservation_ttl = \"1m\"\ntimeout = \"2s\"\n",
         state_dir.display()
     );
     let toml = config(upstream, &extra).replace("[store]\nkind = \"memory\"\n", &store);
@@ -524,10 +458,7 @@ async fn in_session(
 }
 
 fn redis_con(redis: &Redis) -> redis::Connection {
-    redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
+    redis.connection()
 }
 
 /// Redis key of a key-guard session (`{triage:session:LEN:SCOPE:ID}`).
@@ -827,4 +758,91 @@ fn shared_cache_needs_the_redis_store() {
         "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/\"\n",
     );
     assert!(parse(toml).unwrap().cache.shared);
+}
+
+/// A Redis that stalls (`DEBUG SLEEP 2`) stalls nothing else: no Redis call runs on a worker
+/// thread or in `Drop`, so health checks and requests limited in memory answer at once, and
+/// requests limited through Redis wait at most the store timeout before the policy applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_does_not_stall_other_requests() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let up = MockUpstream::start(|_, _| Reply::Content("ok".into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = redis_config(&up.url, &redis.url(), "fail_open", dir.path(), "")
+        .replace("{RPM}", "1000")
+        .replace("timeout = \"2s\"\n", "timeout = \"100ms\"\n");
+    let shared = start_gateway(&toml).await;
+    // A gateway with its limits in memory, in the same runtime.
+    let flat = "rpm = 1000\n[models.flat]\nprovider = \"up\"\nupstream_model = \"flat-upstream\"\nprice = { input = 0.0, output = 1000.0 }\nmax_output_tokens = 1\n";
+    let local = start_gateway(&config(&up.url, flat)).await;
+    // Connected, scripts loaded, and one settlement in flight when Redis stops answering.
+    assert_eq!(ask(&shared, KEY).await.0, 200);
+
+    // One client, warmed up: building one costs more than the answers measured here.
+    let client = http();
+    let healthz_url = format!("http://{}/healthz", shared.addr);
+    assert_eq!(client.get(&healthz_url).send().await.unwrap().status(), 200);
+
+    let sleeper = redis.stall(2.0).await;
+    let stalled_at = Instant::now();
+    // More requests on Redis than there are worker threads.
+    let waiting: Vec<_> = (0..8)
+        .map(|_| {
+            let url = shared.base_url();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let r = http()
+                    .post(format!("{url}/chat/completions"))
+                    .bearer_auth(KEY)
+                    .json(&body())
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status().as_u16(), started.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let t = Instant::now();
+    let health = client.get(&healthz_url).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    let healthz = t.elapsed();
+    let t = Instant::now();
+    let r = client
+        .post(format!("{}/chat/completions", local.base_url()))
+        .bearer_auth(KEY)
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let memory_limited = t.elapsed();
+    println!("while redis sleeps: /healthz {healthz:?}, memory-limited request {memory_limited:?}");
+    assert!(
+        healthz < Duration::from_millis(200),
+        "/healthz took {healthz:?}"
+    );
+    assert!(
+        memory_limited < Duration::from_millis(200),
+        "a memory-limited request took {memory_limited:?}"
+    );
+    // fail_open: Redis-limited requests fall back to local limits after the timeout, long
+    // before Redis wakes up.
+    for w in waiting {
+        let (status, took) = w.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_millis(1500), "took {took:?}");
+    }
+    assert!(
+        stalled_at.elapsed() < Duration::from_secs(2),
+        "redis woke up before the requests were answered"
+    );
+    tokio::task::spawn_blocking(move || sleeper.join().unwrap())
+        .await
+        .unwrap();
+    shared.shutdown().await;
+    local.shutdown().await;
 }

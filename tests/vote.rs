@@ -76,10 +76,6 @@ fn mock_usage(req: &Value, reply: &str) -> (u64, u64) {
     (prompt, tokens(reply).max(1))
 }
 
-fn spent(gw: &triage::server::Gateway) -> u64 {
-    gw.state.limiter.status("app").unwrap().key.spent_nanos
-}
-
 // fast: $1 / $2 per million tokens -> 1000 / 2000 nano-dollars per token.
 fn fast_cost(prompt: u64, completion: u64) -> u64 {
     prompt * 1000 + completion * 2000
@@ -349,7 +345,7 @@ async fn best_of_returns_the_candidate_the_judge_picks_and_sums_usage() {
         v["usage"]["total_tokens"].as_u64().unwrap(),
         want.0 + want.1
     );
-    assert_eq!(spent(&gw), cost);
+    assert_eq!(spent(&gw, "app"), cost);
     gw.shutdown().await;
 }
 
@@ -376,7 +372,7 @@ async fn usage_is_summed_over_every_vote_call() {
     assert_eq!(v["usage"]["prompt_tokens"], 15);
     assert_eq!(v["usage"]["completion_tokens"], 6);
     assert_eq!(v["usage"]["total_tokens"], 21);
-    assert_eq!(spent(&gw), fast_cost(15, 6));
+    assert_eq!(spent(&gw, "app"), fast_cost(15, 6));
     gw.shutdown().await;
 }
 
@@ -432,7 +428,7 @@ async fn single_call_fallback_when_too_few_valid_answers() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["usage"]["prompt_tokens"], 12);
     assert_eq!(v["usage"]["completion_tokens"], 4 + 2 + 2);
-    assert_eq!(spent(&gw), fast_cost(12, 8));
+    assert_eq!(spent(&gw, "app"), fast_cost(12, 8));
     gw.shutdown().await;
 }
 
@@ -583,11 +579,8 @@ async fn quorum_exits_early_and_cancels_the_stragglers_uncharged() {
     assert_eq!(st.calls.load(Ordering::SeqCst), 5);
     assert_eq!(st.completed.load(Ordering::SeqCst), 3);
     // Only the three completed calls are charged: 3 x (1000 x $1 + 500 x $2) / 1M.
-    assert_eq!(spent(&gw), 3 * fast_cost(1000, 500));
-    assert_eq!(
-        gw.state.limiter.status("app").unwrap().key.reserved_nanos,
-        0
-    );
+    assert_eq!(spent(&gw, "app"), 3 * fast_cost(1000, 500));
+    assert_eq!(key_limits(&gw, "app").key.reserved_nanos, 0);
     gw.shutdown().await;
 }
 
@@ -663,7 +656,7 @@ async fn escalates(gates: &str, extra_body: Value, bad: Reply, good: &str, gate:
     );
     // smart: $10 / $20 per million tokens.
     assert_eq!(
-        spent(&gw),
+        spent(&gw, "app"),
         fast_cost(small.0, small.1) + large.0 * 10_000 + large.1 * 20_000
     );
     gw.shutdown().await;

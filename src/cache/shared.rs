@@ -139,12 +139,13 @@ impl SharedTier {
     /// The stored entry and its remaining TTL; `None` when absent, unreadable or Redis fails.
     pub async fn get(&self, key: &CacheKey) -> Option<(Entry, Duration)> {
         let k = self.redis_key(key);
-        let res: Result<(Option<Vec<u8>>, i64), _> =
-            self.redis
-                .call(|mut con| async move {
-                    ::redis::pipe().get(&k).pttl(&k).query_async(&mut con).await
-                })
-                .await;
+        let res: Result<(Option<Vec<u8>>, i64), _> = self
+            .redis
+            .call(|mut con| {
+                let k = &k;
+                async move { ::redis::pipe().get(k).pttl(k).query_async(&mut con).await }
+            })
+            .await;
         match res {
             Ok((Some(v), pttl)) if pttl > 0 => match decode(&v) {
                 Some(e) => Some((e, Duration::from_millis(u64::try_from(pttl).unwrap_or(0)))),
@@ -170,14 +171,17 @@ impl SharedTier {
             let value = encode(&entry);
             let res: Result<(), _> = tier
                 .redis
-                .call(|mut con| async move {
-                    ::redis::cmd("SET")
-                        .arg(&k)
-                        .arg(value)
-                        .arg("PX")
-                        .arg(ttl_ms)
-                        .query_async(&mut con)
-                        .await
+                .call(|mut con| {
+                    let (k, value) = (&k, &value);
+                    async move {
+                        ::redis::cmd("SET")
+                            .arg(k)
+                            .arg(value)
+                            .arg("PX")
+                            .arg(ttl_ms)
+                            .query_async(&mut con)
+                            .await
+                    }
                 })
                 .await;
             if res.is_err() {

@@ -85,13 +85,8 @@ pub struct ProviderConfig {
     pub retries: u32,
 }
 
-/// Nano-dollars per million tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Price {
-    pub input: u64,
-    pub cached_input: u64,
-    pub output: u64,
-}
+/// Nano-dollars per million tokens: the limits module's price, so cost is computed one way.
+pub use crate::limits::Price;
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {

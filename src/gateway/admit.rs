@@ -2,12 +2,12 @@
 
 use super::state::AppState;
 use super::{Caller, GatewayError};
-use crate::limits::{self, Admission, AdmitError, AdmitRequest};
+use crate::limits::{self, Admission, AdmitError, AdmitRequest, LimitStore};
 use crate::metrics::LimitKind;
 
 /// Admits the request (or refuses with 429/503); rate-limit headers for the
 /// response go into `headers`. `None` when the caller has no limits.
-pub fn admit(
+pub async fn admit(
     app: &AppState,
     caller: &Caller,
     est_tokens: u64,
@@ -17,11 +17,12 @@ pub fn admit(
     let Some(key) = caller.name() else {
         return Ok(None);
     };
-    match app.limiter.admit(&AdmitRequest {
+    let req = AdmitRequest {
         key,
         est_tokens,
         reserve_nanos: reserve,
-    }) {
+    };
+    match app.limiter.admit(&req).await {
         Ok(a) => {
             headers.extend(a.rate_headers());
             Ok(Some(a))

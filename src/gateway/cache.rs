@@ -133,7 +133,7 @@ pub struct Hit<'a> {
 
 /// A cache hit: no upstream call and no charge, but limits still count it
 /// (it is a request); it reserves nothing.
-pub fn serve_hit(h: Hit<'_>, facts: &mut Facts) -> Result<Outcome, GatewayError> {
+pub async fn serve_hit(h: Hit<'_>, facts: &mut Facts) -> Result<Outcome, GatewayError> {
     let Hit {
         app,
         req,
@@ -146,13 +146,16 @@ pub fn serve_hit(h: Hit<'_>, facts: &mut Facts) -> Result<Outcome, GatewayError>
     let chat = &req.chat;
     let admission = match early {
         Some(a) => a,
-        None => admit(
-            app,
-            &req.caller,
-            chat.features.prompt_tokens,
-            0,
-            &mut headers,
-        )?,
+        None => {
+            admit(
+                app,
+                &req.caller,
+                chat.features.prompt_tokens,
+                0,
+                &mut headers,
+            )
+            .await?
+        }
     };
     facts.cache = Some("hit");
     let meter = Meter::new(MeterInit {

@@ -40,11 +40,7 @@ impl Bill {
 }
 
 pub fn price_of(m: &ModelConfig) -> limits::Price {
-    limits::Price {
-        input_per_mtok: m.price.input,
-        cached_input_per_mtok: m.price.cached_input,
-        output_per_mtok: m.price.output,
-    }
+    m.price
 }
 
 pub fn cost_of(m: &ModelConfig, u: &Usage) -> u64 {

@@ -242,7 +242,7 @@ async fn run_chat(
     }
     let mut headers = Vec::new();
     let guards = guards::check(app, &rt, req, &target, &mut headers).await?;
-    let early = admit_before_classifying(app, &rt, req, &target, &mut headers)?;
+    let early = admit_before_classifying(app, &rt, req, &target, &mut headers).await?;
     let plan = plan::plan(app, &rt, req, &target, guards.escalate).await;
     facts.route = Some(plan.decision.header_value());
     let (fill, cache, ttl) = match cache::lookup(app, &rt, req, &target, &plan).await {
@@ -256,7 +256,7 @@ async fn run_chat(
                 early,
                 headers,
             };
-            return cache::serve_hit(hit, facts);
+            return cache::serve_hit(hit, facts).await;
         }
         cache::CacheStep::Go { fill, outcome, ttl } => (fill, outcome, ttl),
     };
@@ -273,7 +273,8 @@ async fn run_chat(
                 chat.features.prompt_tokens,
                 reserve,
                 &mut headers,
-            )?
+            )
+            .await?
         }
     };
     let meter = meter::Meter::new(meter::MeterInit {
@@ -325,7 +326,7 @@ async fn execute(x: Exec<'_>, facts: &mut Facts) -> Result<Outcome, GatewayError
 /// An LLM classifier costs a call: admit (at the router's worst case) before
 /// making it, so a key that is out of budget or rate cannot cause unbilled
 /// calls. `None` when admission waits for the plan (step 5).
-fn admit_before_classifying(
+async fn admit_before_classifying(
     app: &AppState,
     rt: &state::Runtime,
     req: &Request,
@@ -345,6 +346,7 @@ fn admit_before_classifying(
         req.chat.features.prompt_tokens,
         reserve,
         headers,
-    )?;
+    )
+    .await?;
     Ok(Some(a))
 }

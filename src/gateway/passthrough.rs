@@ -113,7 +113,8 @@ async fn run(app: &Arc<AppState>, req: &PassRequest) -> Result<Outcome, GatewayE
         prompt,
         reservation(req, &plan, prompt),
         &mut headers,
-    )?;
+    )
+    .await?;
     let mut meter = Meter::new(MeterInit {
         app,
         caller: &req.caller,

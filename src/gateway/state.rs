@@ -8,8 +8,8 @@ use crate::classify::embedded::EmbeddedClassifier;
 use crate::config::{BudgetPeriodKind, ClassifierKind, Config, OnUnavailable, StoreConfig};
 use crate::guard::{Guard, MemoryStore, RedisSessionStore, SessionStore};
 use crate::limits::{
-    KeySpec, LimitBackend, LimitSpec, LimitSpecs, Limiter, Period, RedisLimiter, RedisSettings,
-    StoreEvent, StoreEvents,
+    KeySpec, LimitBackend, LimitSpec, LimitSpecs, LimitStore, Limiter, Period, RedisLimiter,
+    RedisSettings, StoreEvent, StoreEvents,
 };
 use crate::metrics::{KnownNames, Metrics};
 use crate::route::Health;
@@ -197,7 +197,7 @@ pub struct AppState {
     pub ready: AtomicBool,
     pub metrics: Arc<Metrics>,
     /// Rate limits and budgets: in memory (single node) or a shared store.
-    pub limiter: Arc<dyn LimitBackend>,
+    pub limiter: LimitBackend,
     pub ledger: Option<Arc<SqliteLedger>>,
     pub cache: ArcSwap<Option<ResponseCache>>,
     /// Agent sessions: in memory, or in Redis for `[store] kind = "redis"`.
@@ -287,6 +287,17 @@ impl AppState {
         Ok(())
     }
 
+    /// Sends queued Redis settlements (clean shutdown), waiting at most `within`.
+    pub async fn flush_limits(&self, within: std::time::Duration) {
+        let left = self.limiter.flush(within).await;
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "redis settlements not sent at shutdown (their spend is in the ledger)"
+            );
+        }
+    }
+
     /// Writes pending spend records (clean shutdown).
     pub fn flush(&self) {
         if let Some(l) = &self.ledger {
@@ -302,7 +313,7 @@ fn build_limiter(
     config: &Config,
     ledger: Option<Arc<dyn SpendLedger>>,
     metrics: &Arc<Metrics>,
-) -> Result<Arc<dyn LimitBackend>, StartupError> {
+) -> Result<LimitBackend, StartupError> {
     let specs = limit_specs(config);
     if let StoreConfig::Redis {
         url,
@@ -332,18 +343,23 @@ fn build_limiter(
             .load_fallback_spend()
             .map_err(|e| StartupError::Other(format!("loading spend from the ledger: {e}")))?;
         // Redis may come up after the gateway; until then the unavailability policy applies.
-        match limiter.ping() {
-            Ok(()) => tracing::info!(url = %url, "redis limit store connected"),
-            Err(e) => tracing::warn!(url = %url, error = %e, "redis limit store not reachable yet"),
-        }
-        return Ok(Arc::new(limiter));
+        let (probe, url) = (limiter.clone(), url.clone());
+        tokio::spawn(async move {
+            match probe.ping().await {
+                Ok(()) => tracing::info!(url = %url, "redis limit store connected"),
+                Err(e) => {
+                    tracing::warn!(url = %url, error = %e, "redis limit store not reachable yet")
+                }
+            }
+        });
+        return Ok(LimitBackend::Redis(limiter));
     }
     let limiter = Limiter::new(&specs, crate::limits::Clock::system(), ledger)
         .map_err(|e| StartupError::Other(format!("keys: {e}")))?;
     limiter
         .load_spend_from_ledger()
         .map_err(|e| StartupError::Other(format!("loading spend from the ledger: {e}")))?;
-    Ok(Arc::new(limiter))
+    Ok(LimitBackend::Memory(limiter))
 }
 
 /// The async Redis client of the sessions and the shared cache, for `[store] kind = "redis"`.

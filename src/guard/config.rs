@@ -1,16 +1,15 @@
 //! `[routers.X.guard]` / `[keys.X.guard]` configuration: session ceilings and loop detection.
 
-use std::fmt;
 use std::time::Duration;
 
-use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
+
+pub use crate::limits::{nanos_to_usd_string as format_usd, UsdNanos};
 
 /// Default request header carrying the agent session id.
 pub const DEFAULT_SESSION_HEADER: &str = "x-triage-session";
 /// Default idle time after which a session is forgotten.
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(3600);
-/// Nano-dollars per US dollar.
-pub const NANOS_PER_USD: u64 = 1_000_000_000;
 
 /// Guard settings for one router or one API key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,108 +186,6 @@ fn is_header_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-/// A USD amount held as integer nano-dollars (1e-9 USD).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct UsdNanos(pub u64);
-
-impl UsdNanos {
-    /// Parses `"2.50"`, `"$2.50"` or `"3"`: at most 9 decimals, exact (no float rounding).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let t = t.strip_prefix('$').unwrap_or(t);
-        let (int, frac) = match t.split_once('.') {
-            Some((i, f)) => (i, f),
-            None => (t, ""),
-        };
-        let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
-        if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
-            return Err(format!("invalid USD amount {s:?}"));
-        }
-        if frac.len() > 9 {
-            return Err(format!("USD amount {s:?} has more than 9 decimal places"));
-        }
-        let overflow = || format!("USD amount {s:?} is too large");
-        let whole: u64 = if int.is_empty() {
-            0
-        } else {
-            int.parse().map_err(|_| overflow())?
-        };
-        let mut frac_nanos: u64 = 0;
-        for (i, b) in frac.bytes().enumerate() {
-            frac_nanos += u64::from(b - b'0') * 10u64.pow(8 - i as u32);
-        }
-        whole
-            .checked_mul(NANOS_PER_USD)
-            .and_then(|n| n.checked_add(frac_nanos))
-            .map(UsdNanos)
-            .ok_or_else(overflow)
-    }
-
-    /// Converts a TOML float once, via its shortest decimal form, so `1.15` is exactly 1_150_000_000.
-    pub fn from_f64(v: f64) -> Result<Self, String> {
-        if !v.is_finite() || v < 0.0 {
-            return Err(format!("invalid USD amount {v}"));
-        }
-        // Rust's `{}` for f64 never uses exponent notation and round-trips.
-        Self::parse(&format!("{v}"))
-    }
-}
-
-impl fmt::Display for UsdNanos {
-    /// Dollars with at least 2 decimals and no trailing zeros beyond that (`1.50`, `0.000001234`).
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&format_usd(self.0))
-    }
-}
-
-/// Formats nano-dollars as a decimal dollar string without floats.
-pub fn format_usd(nanos: u64) -> String {
-    let whole = nanos / NANOS_PER_USD;
-    let frac = format!("{:09}", nanos % NANOS_PER_USD);
-    let trimmed = frac.trim_end_matches('0');
-    let shown = if trimmed.len() < 2 {
-        &frac[..2]
-    } else {
-        trimmed
-    };
-    format!("{whole}.{shown}")
-}
-
-impl Serialize for UsdNanos {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_usd(self.0))
-    }
-}
-
-impl<'de> Deserialize<'de> for UsdNanos {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = UsdNanos;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a USD amount as a string (\"2.50\") or number")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<UsdNanos, E> {
-                UsdNanos::parse(v).map_err(E::custom)
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<UsdNanos, E> {
-                UsdNanos::from_f64(v).map_err(E::custom)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<UsdNanos, E> {
-                v.checked_mul(NANOS_PER_USD)
-                    .map(UsdNanos)
-                    .ok_or_else(|| E::custom("USD amount is too large"))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<UsdNanos, E> {
-                let v =
-                    u64::try_from(v).map_err(|_| E::custom("USD amount must not be negative"))?;
-                self.visit_u64(v)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -394,7 +291,15 @@ mod tests {
         assert!(spend("-1.0").is_err());
         assert!(spend("-1").is_err());
         assert!(spend("\"abc\"").is_err());
-        assert!(spend("\"1.0000000001\"").is_err());
+        // Past the ninth decimal the one USD parser rounds half up, like every other amount.
+        assert_eq!(
+            spend("\"1.0000000001\"").unwrap().max_spend_usd,
+            Some(UsdNanos(1_000_000_000))
+        );
+        assert_eq!(
+            spend("\"1.0000000005\"").unwrap().max_spend_usd,
+            Some(UsdNanos(1_000_000_001))
+        );
         assert!(spend("\"99999999999999999999\"").is_err());
         assert!(spend("nan").is_err());
         assert_eq!(UsdNanos::parse(".5"), Ok(UsdNanos(500_000_000)));

@@ -101,7 +101,10 @@ impl RedisSessionStore {
         }
         inv.arg(ms(idle_ttl));
         self.redis
-            .call(|mut con| async move { inv.invoke_async(&mut con).await })
+            .call(|mut con| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut con).await }
+            })
             .await
     }
 }
@@ -180,7 +183,10 @@ impl SessionStore for RedisSessionStore {
             .arg(ms(idle_ttl));
         let res: Result<i64, _> = self
             .redis
-            .call(|mut con| async move { inv.invoke_async(&mut con).await })
+            .call(|mut con| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut con).await }
+            })
             .await;
         if res.is_err() {
             if self.fail_open {
@@ -200,7 +206,10 @@ impl SessionStore for RedisSessionStore {
         inv.key(self.redis_key(key));
         let res: Result<Vec<i64>, _> = self
             .redis
-            .call(|mut con| async move { inv.invoke_async(&mut con).await })
+            .call(|mut con| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut con).await }
+            })
             .await;
         match res {
             Ok(v) if v.len() == 4 => {
@@ -252,56 +261,7 @@ impl RedisSessionStore {
     }
 }
 
-/// The server's clock in unix milliseconds.
-const CLOCK: &str = r#"
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"#;
-
-/// KEYS[1]: the session hash. ARGV: max_turns, max_tokens, max_spend nanos, max wall clock ms
-/// ('' = none), idle ttl ms. Loads or creates the session (first = now), renews its TTL, refuses
-/// when a ceiling is reached (used >= limit; order turns, tokens, spend, wall clock), otherwise
-/// counts one turn. Returns: ok (1/0), ceiling (1..4, 0 if ok), used, turns, tokens, spend, age ms.
-const ADMIT: &str = r#"
-local now = now_ms()
-local h = redis.call('HMGET', KEYS[1], 'turns', 'tokens', 'spend', 'first')
-local turns, tokens, spend = tonumber(h[1]) or 0, tonumber(h[2]) or 0, tonumber(h[3]) or 0
-local first = tonumber(h[4])
-if not first then
-  first = now
-  redis.call('HSET', KEYS[1], 'first', string.format('%d', now))
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-local age = math.max(0, now - first)
-local used = {turns, tokens, spend, age}
-for i = 1, 4 do
-  local limit = tonumber(ARGV[i])
-  if limit and used[i] >= limit then
-    return {0, i, used[i], turns, tokens, spend, age}
-  end
-end
-turns = redis.call('HINCRBY', KEYS[1], 'turns', 1)
-return {1, 0, 0, turns, tokens, spend, age}
-"#;
-
-/// KEYS[1]: the session hash. ARGV: tokens, spend nanos, idle ttl ms. Creates the session if it
-/// expired meanwhile.
-const RECORD: &str = r#"
-if redis.call('HEXISTS', KEYS[1], 'first') == 0 then
-  redis.call('HSET', KEYS[1], 'first', string.format('%d', now_ms()))
-end
-redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'spend', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"#;
-
-/// KEYS[1]: the session hash. Returns turns, tokens, spend, age ms; or nothing if it is gone.
-const USAGE: &str = r#"
-local h = redis.call('HMGET', KEYS[1], 'turns', 'tokens', 'spend', 'first')
-local first = tonumber(h[4])
-if not first then return {} end
-return {tonumber(h[1]) or 0, tonumber(h[2]) or 0, tonumber(h[3]) or 0, math.max(0, now_ms() - first)}
-"#;
+const CLOCK: &str = include_str!("redis/clock.lua");
+const ADMIT: &str = include_str!("redis/admit.lua");
+const RECORD: &str = include_str!("redis/record.lua");
+const USAGE: &str = include_str!("redis/usage.lua");

@@ -1,6 +1,5 @@
-//! In-memory [`LimitBackend`]: per-subject state behind small locks and atomics.
+//! In-memory [`LimitStore`]: per-subject state behind small locks and atomics.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,12 +11,13 @@ use governor::Quota;
 use parking_lot::{Mutex, RwLock};
 
 use super::bucket::TokenBucket;
+use super::policy::{self, Counters, KeyTable};
 use super::{
-    nanos_to_usd_string, Admission, AdmissionTicket, AdmitError, AdmitRequest, Clock, KeyStatus,
-    LimitBackend, LimitConfigError, LimitSpec, LimitSpecs, Period, RateInfo, Refusal, RefusalKind,
-    SettleOutcome, Settlement, SubjectKind, SubjectStatus, Window,
+    Admission, AdmissionTicket, AdmitError, AdmitRequest, Clock, KeyStatus, LimitConfigError,
+    LimitSpec, LimitSpecs, LimitStore, Period, RateInfo, RefusalKind, SettleOutcome, Settlement,
+    SubjectKind, SubjectStatus, Window,
 };
-use crate::store::{SpendLedger, SpendRecord, StoreError};
+use crate::store::{SpendLedger, StoreError};
 
 type Gcra = governor::RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
@@ -248,25 +248,15 @@ impl Subject {
             b.roll(now_s);
             (b.period_start, b.spent, b.reserved)
         };
-        let remaining = self
-            .spec
-            .budget_nanos
-            .map(|budget| budget.saturating_sub(spent.saturating_add(reserved)));
-        let period = self.spec.period;
-        SubjectStatus {
-            kind: self.kind,
-            name: self.name.to_string(),
-            limits: self.spec.clone(),
+        let counters = Counters {
             in_flight: self.in_flight.load(Ordering::Acquire),
-            spent_nanos: spent,
-            reserved_nanos: reserved,
-            remaining_nanos: remaining,
-            spent_usd: nanos_to_usd_string(spent),
-            remaining_usd: remaining.map(nanos_to_usd_string),
-            period_start_unix: (period != Period::Total).then_some(period_start),
-            period_end_unix: period.end_of(now_s),
+            spent,
+            reserved,
+            period_start,
+            period_end: self.spec.period.end_of(now_s),
             tokens: self.peek_tokens(self.shared.clock.mono()),
-        }
+        };
+        policy::subject_status(self.kind, &self.name, &self.spec, counters)
     }
 }
 
@@ -349,37 +339,11 @@ impl AdmissionTicket for MemTicket {
                 subj.release_permit();
             }
         }
-        let overrun = s.cost_nanos.saturating_sub(self.reserve);
-        if overrun > 0 {
-            shared.overruns.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                key = %self.key.name,
-                request_id = s.request_id,
-                model = s.model,
-                reserved_nanos = self.reserve,
-                cost_nanos = s.cost_nanos,
-                "actual cost exceeded the reservation; charged in full"
-            );
-        }
         if let Some(ledger) = &shared.ledger {
-            ledger.record(SpendRecord {
-                ts_unix_ms: now_ms,
-                key: self.key.name.clone(),
-                team: self.team.as_ref().map(|t| t.name.clone()),
-                model: s.model.to_owned(),
-                prompt_tokens: s.prompt_tokens,
-                completion_tokens: s.completion_tokens,
-                cached_tokens: s.cached_tokens,
-                cost_nanos: s.cost_nanos,
-                estimated: s.estimated,
-                request_id: s.request_id.to_owned(),
-            });
+            let team = self.team.as_ref().map(|t| &t.name);
+            ledger.record(policy::spend_record(now_ms, &self.key.name, team, s));
         }
-        SettleOutcome {
-            charged_nanos: s.cost_nanos,
-            reserved_nanos: self.reserve,
-            overrun_nanos: overrun,
-        }
+        policy::settle_outcome(&shared.overruns, &self.key.name, self.reserve, s)
     }
 
     fn release(&mut self) {
@@ -388,16 +352,7 @@ impl AdmissionTicket for MemTicket {
     }
 }
 
-struct KeyEntry {
-    key: Arc<Subject>,
-    team: Option<Arc<Subject>>,
-}
-
-#[derive(Default)]
-struct Table {
-    keys: HashMap<String, KeyEntry>,
-    teams: HashMap<String, Arc<Subject>>,
-}
+type Table = KeyTable<Subject>;
 
 struct Inner {
     table: RwLock<Arc<Table>>,
@@ -464,14 +419,7 @@ impl Limiter {
     /// Admits a request: rpm, then tpm, parallel and budget, each for the key then its team.
     /// A refused request keeps no tokens, permit or reservation; only rpm cells stay consumed.
     pub fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, AdmitError> {
-        let (key, team) = {
-            let t = self.inner.table.read();
-            let e = t
-                .keys
-                .get(req.key)
-                .ok_or_else(|| AdmitError::UnknownKey(req.key.to_owned()))?;
-            (e.key.clone(), e.team.clone())
-        };
+        let (key, team) = self.inner.table.read().entry(req.key)?;
         let clock = &self.inner.shared.clock;
         let now = clock.mono();
         let mut t = MemTicket {
@@ -504,15 +452,8 @@ impl Limiter {
                         requests: Some(w),
                         tokens: peek_tokens(&subjects),
                     };
-                    return Err(refusal(
-                        RefusalKind::Rpm,
-                        s,
-                        Some(wait),
-                        w.limit,
-                        w.limit,
-                        1,
-                        rate,
-                    ));
+                    let numbers = (w.limit, w.limit, 1);
+                    return Err(refusal(RefusalKind::Rpm, s, Some(wait), numbers, rate));
                 }
             }
         }
@@ -533,15 +474,8 @@ impl Limiter {
                         tokens: peek_tokens(&subjects),
                     };
                     let used = w.limit.saturating_sub(w.remaining);
-                    return Err(refusal(
-                        RefusalKind::Tpm,
-                        s,
-                        Some(wait),
-                        w.limit,
-                        used,
-                        req.est_tokens,
-                        rate,
-                    ));
+                    let numbers = (w.limit, used, req.est_tokens);
+                    return Err(refusal(RefusalKind::Tpm, s, Some(wait), numbers, rate));
                 }
             }
         }
@@ -559,15 +493,9 @@ impl Limiter {
                     tokens: peek_tokens(&subjects),
                 };
                 // Parallel slots free up as requests finish; suggest a short back-off.
-                return Err(refusal(
-                    RefusalKind::Parallel,
-                    s,
-                    Some(Duration::from_secs(1)),
-                    limit,
-                    used,
-                    1,
-                    rate,
-                ));
+                let numbers = (limit, used, 1);
+                let retry = Some(Duration::from_secs(1));
+                return Err(refusal(RefusalKind::Parallel, s, retry, numbers, rate));
             }
             t.permit_held[i] = true;
         }
@@ -581,19 +509,14 @@ impl Limiter {
                     requests,
                     tokens: peek_tokens(&subjects),
                 };
-                let mut r = refusal(
+                return Err(policy::refusal(
                     RefusalKind::Budget,
-                    s,
+                    (s.kind, &s.name),
                     None,
-                    budget,
-                    used,
-                    req.reserve_nanos,
+                    (budget, used, req.reserve_nanos),
+                    s.spec.period.end_of(now_s),
                     rate,
-                );
-                if let AdmitError::Refused(r) = &mut r {
-                    r.period_end_unix = s.spec.period.end_of(now_s);
-                }
-                return Err(r);
+                ));
             }
             t.reserve_held[i] = true;
         }
@@ -602,11 +525,7 @@ impl Limiter {
 
     /// Limits and usage for a key and its team.
     pub fn status(&self, key: &str) -> Option<KeyStatus> {
-        let (k, team) = {
-            let t = self.inner.table.read();
-            let e = t.keys.get(key)?;
-            (e.key.clone(), e.team.clone())
-        };
+        let (k, team) = self.inner.table.read().entry(key).ok()?;
         Some(KeyStatus {
             key: k.status(),
             team: team.map(|t| t.status()),
@@ -657,12 +576,12 @@ impl Limiter {
     }
 }
 
-impl LimitBackend for Limiter {
-    fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, AdmitError> {
+impl LimitStore for Limiter {
+    async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, AdmitError> {
         Limiter::admit(self, req)
     }
 
-    fn status(&self, key: &str) -> Option<KeyStatus> {
+    async fn status(&self, key: &str) -> Option<KeyStatus> {
         Limiter::status(self, key)
     }
 
@@ -675,22 +594,10 @@ fn refusal(
     kind: RefusalKind,
     s: &Subject,
     retry_after: Option<Duration>,
-    limit: u64,
-    used: u64,
-    requested: u64,
+    numbers: (u64, u64, u64),
     rate: RateInfo,
 ) -> AdmitError {
-    AdmitError::Refused(Box::new(Refusal {
-        kind,
-        subject_kind: s.kind,
-        subject: s.name.to_string(),
-        retry_after,
-        limit,
-        used,
-        requested,
-        period_end_unix: None,
-        rate,
-    }))
+    policy::refusal(kind, (s.kind, &s.name), retry_after, numbers, None, rate)
 }
 
 /// Sets a subject's current-period spend from the ledger.
@@ -713,69 +620,18 @@ fn build_table(
     old: &Table,
     shared: &Arc<Shared>,
 ) -> Result<(Table, PeriodChanges), LimitConfigError> {
-    // Validate everything first: building mutates the surviving subjects' shared state.
-    let all = specs
-        .teams
-        .iter()
-        .map(|(n, s)| (SubjectKind::Team, n, s))
-        .chain(
-            specs
-                .keys
-                .iter()
-                .map(|(n, k)| (SubjectKind::Key, n, &k.limits)),
-        );
-    for (kind, name, spec) in all {
-        let field = match spec {
-            LimitSpec { rpm: Some(0), .. } => "rpm",
-            LimitSpec { tpm: Some(0), .. } => "tpm",
-            LimitSpec {
-                max_parallel: Some(0),
-                ..
-            } => "max_parallel",
-            _ => continue,
-        };
-        return Err(LimitConfigError::Zero {
-            kind,
-            name: name.clone(),
-            field,
-        });
-    }
+    // `KeyTable::build` validates everything first: building mutates survivors' shared state.
     let mut changed = Vec::new();
-    let mut teams: HashMap<String, Arc<Subject>> = HashMap::new();
-    let unlimited = LimitSpec::default();
-    let implicit = specs
-        .keys
-        .values()
-        .filter_map(|k| k.team.as_deref())
-        .filter(|t| !specs.teams.contains_key(*t))
-        .map(|t| (t, &unlimited));
-    let declared = specs.teams.iter().map(|(n, s)| (n.as_str(), s));
-    for (name, spec) in declared.chain(implicit) {
-        if teams.contains_key(name) {
-            continue;
-        }
-        let prev = old.teams.get(name).map(Arc::as_ref);
-        let (s, period_changed) = Subject::build(SubjectKind::Team, name, spec, prev, shared)?;
+    let table = KeyTable::build(specs, |kind, name, spec| {
+        let prev = match kind {
+            SubjectKind::Team => old.teams.get(name).map(Arc::as_ref),
+            SubjectKind::Key => old.keys.get(name).map(|e| e.key.as_ref()),
+        };
+        let (s, period_changed) = Subject::build(kind, name, spec, prev, shared)?;
         if period_changed {
-            changed.push((SubjectKind::Team, name.to_owned()));
+            changed.push((kind, name.to_owned()));
         }
-        teams.insert(name.to_owned(), Arc::new(s));
-    }
-    let mut keys = HashMap::with_capacity(specs.keys.len());
-    for (name, ks) in &specs.keys {
-        let prev = old.keys.get(name).map(|e| e.key.as_ref());
-        let (s, period_changed) = Subject::build(SubjectKind::Key, name, &ks.limits, prev, shared)?;
-        if period_changed {
-            changed.push((SubjectKind::Key, name.clone()));
-        }
-        let team = ks.team.as_ref().and_then(|t| teams.get(t).cloned());
-        keys.insert(
-            name.clone(),
-            KeyEntry {
-                key: Arc::new(s),
-                team,
-            },
-        );
-    }
-    Ok((Table { keys, teams }, changed))
+        Ok::<_, LimitConfigError>(s)
+    })?;
+    Ok((table, changed))
 }

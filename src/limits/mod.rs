@@ -10,25 +10,25 @@ mod clock;
 mod headers;
 mod memory;
 mod money;
-mod period;
+mod policy;
 mod redis;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::store::{Period, StoreEvent, StoreEvents, SubjectKind};
 pub use clock::{Clock, ManualClock};
 pub use headers::{format_reset, RateInfo, Window};
 pub use memory::Limiter;
 pub use money::{
-    cost_nanos, nanos_to_usd_string, usd_f64_to_nanos, usd_to_nanos, MoneyError, Price,
+    cost_nanos, nanos_to_usd_string, usd_f64_to_nanos, usd_to_nanos, MoneyError, Price, UsdNanos,
     NANOS_PER_USD,
 };
-pub use period::Period;
-pub(crate) use redis::Breaker;
-pub use redis::{RedisLimiter, RedisSettings, RedisSetupError, StoreEvent, StoreEvents};
+pub use redis::{RedisLimiter, RedisSettings, RedisSetupError};
 
 /// Limits for one key or team; `None` means unlimited.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,25 +62,6 @@ pub struct LimitSpecs {
     pub keys: HashMap<String, KeySpec>,
     /// Teams by name.
     pub teams: HashMap<String, LimitSpec>,
-}
-
-/// Whether a limit belongs to a key or a team.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SubjectKind {
-    /// An API key.
-    Key,
-    /// A team of keys.
-    Team,
-}
-
-impl fmt::Display for SubjectKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SubjectKind::Key => "key",
-            SubjectKind::Team => "team",
-        })
-    }
 }
 
 /// Which limit refused a request.
@@ -237,7 +218,8 @@ pub struct SettleOutcome {
     pub overrun_nanos: u64,
 }
 
-/// Backend half of an admission; lets another [`LimitBackend`] (e.g. Redis) supply its own.
+/// A store's half of an admission ([`LimitStore`]). `settle` and `release` must not block or do
+/// I/O: they run in `Drop` and in stream callbacks.
 pub trait AdmissionTicket: Send + Sync {
     /// Replaces the reservation with the actual usage; called at most once.
     fn settle(&mut self, s: &Settlement<'_>) -> SettleOutcome;
@@ -334,16 +316,67 @@ pub struct KeyStatus {
     pub team: Option<SubjectStatus>,
 }
 
-/// Admission/settlement engine: the in-memory [`Limiter`] (one replica) or [`RedisLimiter`]
-/// (limits shared by every replica). Synchronous on purpose: the in-memory path never awaits, and
-/// the Redis backend makes one short blocking round trip.
-pub trait LimitBackend: Send + Sync {
+/// Where admission state lives: in memory ([`Limiter`], one replica) or in Redis
+/// ([`RedisLimiter`], shared by every replica). The policy (key table, refusals, status, settle
+/// outcome, spend records) is shared by both, in `policy.rs`.
+///
+/// Settlement is [`Admission::settle`]: synchronous and free of I/O for every store (a Redis
+/// settlement is handed to a background task), so it may run in `Drop` and stream callbacks.
+pub trait LimitStore: Send + Sync {
     /// Admits a request against the key and its team, or says which limit refused it.
-    fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, AdmitError>;
+    fn admit(
+        &self,
+        req: &AdmitRequest<'_>,
+    ) -> impl Future<Output = Result<Admission, AdmitError>> + Send;
     /// Limits and usage for a key and its team.
-    fn status(&self, key: &str) -> Option<KeyStatus>;
+    fn status(&self, key: &str) -> impl Future<Output = Option<KeyStatus>> + Send;
     /// Applies new limits, keeping the state of subjects that still exist.
     fn reconfigure(&self, specs: &LimitSpecs) -> Result<(), LimitConfigError>;
+}
+
+/// The store chosen at startup by `[store]`. An enum rather than `dyn LimitStore` so that the
+/// in-memory admission is a direct call: no boxed future, no await point that yields.
+#[derive(Debug, Clone)]
+pub enum LimitBackend {
+    /// One replica, in memory.
+    Memory(Limiter),
+    /// Shared through Redis.
+    Redis(RedisLimiter),
+}
+
+impl LimitBackend {
+    /// Hands every queued Redis settlement to Redis, waiting at most `within` (clean shutdown).
+    /// Returns how many are still unsettled.
+    pub async fn flush(&self, within: Duration) -> usize {
+        match self {
+            LimitBackend::Memory(_) => 0,
+            LimitBackend::Redis(r) => r.flush(within).await,
+        }
+    }
+}
+
+impl LimitStore for LimitBackend {
+    async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, AdmitError> {
+        match self {
+            LimitBackend::Memory(l) => l.admit(req),
+            // Boxed so the Redis future does not enlarge every request's future.
+            LimitBackend::Redis(r) => Box::pin(r.admit(req)).await,
+        }
+    }
+
+    async fn status(&self, key: &str) -> Option<KeyStatus> {
+        match self {
+            LimitBackend::Memory(l) => l.status(key),
+            LimitBackend::Redis(r) => Box::pin(r.status(key)).await,
+        }
+    }
+
+    fn reconfigure(&self, specs: &LimitSpecs) -> Result<(), LimitConfigError> {
+        match self {
+            LimitBackend::Memory(l) => l.reconfigure(specs),
+            LimitBackend::Redis(r) => r.reconfigure(specs),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -89,15 +89,15 @@ pub fn nanos_to_usd_string(nanos: u64) -> String {
     format!("{whole}.{frac}")
 }
 
-/// Model prices in nano-dollars per million tokens.
+/// Model prices in nano-dollars per million tokens (the config's `price`, converted once).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Price {
     /// Uncached input (prompt) tokens.
-    pub input_per_mtok: u64,
+    pub input: u64,
     /// Cached input tokens (a subset of the prompt tokens).
-    pub cached_input_per_mtok: u64,
+    pub cached_input: u64,
     /// Output (completion) tokens.
-    pub output_per_mtok: u64,
+    pub output: u64,
 }
 
 /// Cost in nano-dollars; `cached_tokens` are part of `prompt_tokens` (OpenAI usage semantics).
@@ -110,10 +110,70 @@ pub fn cost_nanos(
 ) -> u64 {
     let cached = cached_tokens.min(prompt_tokens);
     let uncached = prompt_tokens - cached;
-    let total = u128::from(uncached) * u128::from(price.input_per_mtok)
-        + u128::from(cached) * u128::from(price.cached_input_per_mtok)
-        + u128::from(completion_tokens) * u128::from(price.output_per_mtok);
+    let total = u128::from(uncached) * u128::from(price.input)
+        + u128::from(cached) * u128::from(price.cached_input)
+        + u128::from(completion_tokens) * u128::from(price.output);
     u64::try_from(total.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
+/// A dollar amount in config, held as integer nano-dollars: a string (`"2.50"`, `"$2.50"`) or
+/// a number (`2.5`, converted via its shortest decimal form), parsed by [`usd_to_nanos`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct UsdNanos(pub u64);
+
+impl UsdNanos {
+    /// Parses a dollar string exactly (see [`usd_to_nanos`]).
+    pub fn parse(s: &str) -> Result<Self, MoneyError> {
+        usd_to_nanos(s).map(UsdNanos)
+    }
+
+    /// Converts a config float exactly (see [`usd_f64_to_nanos`]).
+    pub fn from_f64(v: f64) -> Result<Self, MoneyError> {
+        usd_f64_to_nanos(v).map(UsdNanos)
+    }
+}
+
+impl std::fmt::Display for UsdNanos {
+    /// Dollars with at least 2 decimals (`1.50`, `0.000001234`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&nanos_to_usd_string(self.0))
+    }
+}
+
+impl Serialize for UsdNanos {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&nanos_to_usd_string(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for UsdNanos {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, Visitor};
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = UsdNanos;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a USD amount as a string (\"2.50\") or number")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<UsdNanos, E> {
+                UsdNanos::parse(v).map_err(E::custom)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<UsdNanos, E> {
+                UsdNanos::from_f64(v).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<UsdNanos, E> {
+                v.checked_mul(NANOS_PER_USD)
+                    .map(UsdNanos)
+                    .ok_or_else(|| E::custom("USD amount is too large"))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<UsdNanos, E> {
+                let v =
+                    u64::try_from(v).map_err(|_| E::custom("USD amount must not be negative"))?;
+                self.visit_u64(v)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[cfg(test)]
@@ -156,9 +216,9 @@ mod tests {
     fn cost() {
         // $2.50 / $1.25 / $10 per Mtok.
         let p = Price {
-            input_per_mtok: 2_500_000_000,
-            cached_input_per_mtok: 1_250_000_000,
-            output_per_mtok: 10_000_000_000,
+            input: 2_500_000_000,
+            cached_input: 1_250_000_000,
+            output: 10_000_000_000,
         };
         assert_eq!(cost_nanos(1_000_000, 0, 0, &p), 2_500_000_000);
         assert_eq!(
@@ -169,7 +229,7 @@ mod tests {
         assert_eq!(cost_nanos(10, 50, 0, &p), 12_500);
         // One token at a sub-nano price rounds up.
         let cheap = Price {
-            input_per_mtok: 1,
+            input: 1,
             ..Price::default()
         };
         assert_eq!(cost_nanos(1, 0, 0, &cheap), 1);

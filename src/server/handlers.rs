@@ -9,6 +9,7 @@ use crate::gateway::passthrough::PassRequest;
 use crate::gateway::state::AppState;
 pub use crate::gateway::Caller;
 use crate::gateway::{Api, Body as GatewayBody, Outcome, Reply};
+use crate::limits::LimitStore;
 use crate::protocol::openai::chat;
 use crate::protocol::Headers;
 use axum::body::Body;
@@ -86,11 +87,11 @@ pub async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Re
     if let Err(e) = super::conn::metrics_access(&app.runtime.load().config.metrics, &headers) {
         return e.into_response();
     }
-    render_metrics(&app)
+    render_metrics(&app).await
 }
 
 /// The Prometheus page; also served on `metrics.listen` when set.
-pub fn render_metrics(app: &AppState) -> Response {
+pub async fn render_metrics(app: &AppState) -> Response {
     if !app.runtime.load().config.metrics.enabled {
         return ApiError::not_found().into_response();
     }
@@ -106,7 +107,7 @@ pub fn render_metrics(app: &AppState) -> Response {
     // Budget gauges are read at scrape time, not on every request: with a
     // shared store a status read is a network round trip.
     for k in &app.runtime.load().config.keys {
-        if let Some(st) = app.limiter.status(&k.name) {
+        if let Some(st) = app.limiter.status(&k.name).await {
             app.metrics.set_period_spend(&k.name, st.key.spent_nanos);
             if let Some(rem) = st.key.remaining_nanos {
                 app.metrics
@@ -127,7 +128,8 @@ pub async fn key_self(
 ) -> Response {
     match caller.0 {
         Some(k) => {
-            let mut status = serde_json::to_value(app.limiter.status(&k.name)).unwrap_or_default();
+            let mut status =
+                serde_json::to_value(app.limiter.status(&k.name).await).unwrap_or_default();
             readable_resets(&mut status, std::time::SystemTime::now());
             Json(json!({"name": k.name, "team": k.team, "allow": k.allow, "limits": status}))
                 .into_response()

@@ -252,12 +252,15 @@ async fn request_started(stream: &tokio::net::TcpStream, limit: Duration) -> boo
 
 /// Serves only `/metrics` (for `metrics.listen`, so it need not be public).
 pub async fn serve_metrics(state: Arc<AppState>, listener: TcpListener) {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(app): State<Arc<AppState>>| async move { handlers::render_metrics(&app) }),
-        )
-        .with_state(state);
+    let app =
+        Router::new()
+            .route(
+                "/metrics",
+                get(|State(app): State<Arc<AppState>>| async move {
+                    handlers::render_metrics(&app).await
+                }),
+            )
+            .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics listener stopped");
     }

@@ -15,11 +15,32 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags};
 use serde::Serialize;
 
-use crate::limits::{Period, SubjectKind};
-
+mod breaker;
+mod period;
 pub mod responses;
 mod shared_redis;
+pub use breaker::{Breaker, StoreEvent, StoreEvents, RETRY_EVERY};
+pub use period::Period;
 pub use shared_redis::SharedRedis;
+
+/// Whether a limit (and a spend record's subject) belongs to a key or a team.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubjectKind {
+    /// An API key.
+    Key,
+    /// A team of keys.
+    Team,
+}
+
+impl std::fmt::Display for SubjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SubjectKind::Key => "key",
+            SubjectKind::Team => "team",
+        })
+    }
+}
 
 /// File name of the ledger inside the state directory.
 pub const LEDGER_FILE: &str = "ledger.sqlite3";
@@ -29,7 +50,7 @@ const LINGER: Duration = Duration::from_millis(25);
 /// Largest group commit.
 const MAX_BATCH: usize = 1024;
 /// Wait between retries after a failed write.
-const RETRY_EVERY: Duration = Duration::from_secs(1);
+const WRITE_RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Unwritten records kept in memory at most; beyond this the oldest are dropped (and counted).
 const MAX_PENDING: usize = 1_000_000;
 /// Longest `flush` waits for the writer before giving up.
@@ -437,7 +458,7 @@ impl Writer {
                         "ledger write failed; keeping records for retry"
                     );
                     self.last_error = Some(e.to_string());
-                    self.next_retry = Some(Instant::now() + RETRY_EVERY);
+                    self.next_retry = Some(Instant::now() + WRITE_RETRY_EVERY);
                     break;
                 }
             }

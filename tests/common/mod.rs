@@ -14,6 +14,29 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use triage::server::Gateway;
 
+pub mod redis_server;
+#[allow(unused_imports)]
+pub use redis_server::Redis;
+
+/// A key's limits and usage in a gateway with the in-memory limit store (whose reads are
+/// synchronous; a Redis-backed gateway is read through `/v1/triage/keys/self`).
+pub fn key_limits(gw: &Gateway, key: &str) -> triage::limits::KeyStatus {
+    match &gw.state.limiter {
+        triage::limits::LimitBackend::Memory(l) => l.status(key).expect("a configured key"),
+        triage::limits::LimitBackend::Redis(_) => panic!("key_limits reads the in-memory store"),
+    }
+}
+
+/// Settled spend of `key` this period, nano-dollars (in-memory store).
+pub fn spent(gw: &Gateway, key: &str) -> u64 {
+    key_limits(gw, key).key.spent_nanos
+}
+
+/// Requests of `key` in flight (in-memory store).
+pub fn in_flight(gw: &Gateway, key: &str) -> u32 {
+    key_limits(gw, key).key.in_flight
+}
+
 /// What the mock does with one request.
 #[derive(Clone, Debug)]
 pub enum Reply {
