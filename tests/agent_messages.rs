@@ -589,3 +589,39 @@ async fn captured_claude_code_request_is_served_on_a_one_dollar_budget() {
     assert_eq!(sent["stream"], true);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn no_healthy_deployment_is_529_overloaded() {
+    let up = MockUpstream::start(|_, _| {
+        Reply::Status(
+            500,
+            json!({"error": {"message": "down", "type": "api_error"}}),
+        )
+    })
+    .await;
+    let gw = start_gateway(&config(
+        &up.url,
+        r#"
+[tiers.solo]
+models = ["fast"]
+cooldown_after = 1
+cooldown = "30s"
+[routers.auto]
+classifier = "none"
+unknown_tier = "solo"
+[[routers.auto.rules]]
+tier = "solo"
+[aliases]
+"claude-*" = "auto"
+"#,
+    ))
+    .await;
+    let (status, _, body) = post_messages(&gw, &[], &hello("claude-opus-5-5")).await;
+    assert!(status >= 500, "{status} {body}");
+    assert_eq!(parse(&body)["type"], "error", "{body}");
+    // Now the only deployment is cooling: Anthropic's 529, which clients retry.
+    let (status, _, body) = post_messages(&gw, &[], &hello("claude-opus-5-5")).await;
+    assert_anthropic_error(status, &body, 529, "overloaded_error");
+    assert_eq!(up.calls(), 1);
+    gw.shutdown().await;
+}
