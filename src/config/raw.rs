@@ -29,6 +29,11 @@ pub struct RawConfig {
     pub classifiers: BTreeMap<String, RawClassifier>,
     #[serde(default)]
     pub keys: BTreeMap<String, RawKey>,
+    /// Client model names → a router or model: exact names or globs (`*`,
+    /// `?`), e.g. `"claude-*" = "auto"`. In file order: the first glob that
+    /// matches wins; exact names win over globs.
+    #[serde(default)]
+    pub aliases: indexmap::IndexMap<String, String>,
     #[serde(default)]
     pub teams: BTreeMap<String, RawTeam>,
     pub cache: Option<RawCache>,

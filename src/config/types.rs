@@ -32,6 +32,8 @@ pub struct Config {
     pub routers: BTreeMap<String, Arc<RouterConfig>>,
     pub classifiers: BTreeMap<String, ClassifierConfig>,
     pub keys: Vec<KeyConfig>,
+    /// Client model names resolved to a router or model (`[aliases]`).
+    pub aliases: Aliases,
     pub teams: BTreeMap<String, LimitsConfig>,
     pub cache: CacheConfig,
     pub metrics: MetricsConfig,
@@ -314,4 +316,59 @@ pub struct ClassifierConfig {
 pub struct CacheOverride {
     pub enabled: Option<bool>,
     pub ttl: Option<Duration>,
+}
+
+/// `[aliases]`: exact names first, then globs in file order.
+#[derive(Debug, Clone, Default)]
+pub struct Aliases {
+    pub exact: BTreeMap<String, String>,
+    pub globs: Vec<AliasGlob>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AliasGlob {
+    pub pattern: String,
+    pub matcher: regex::Regex,
+    pub target: String,
+}
+
+impl Aliases {
+    /// The router or model `name` is an alias of, if any.
+    pub fn resolve(&self, name: &str) -> Option<&str> {
+        if let Some(t) = self.exact.get(name) {
+            return Some(t);
+        }
+        self.globs
+            .iter()
+            .find(|g| g.matcher.is_match(name))
+            .map(|g| g.target.as_str())
+    }
+
+    /// Every alias name or pattern with its target, exact names first.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.exact
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(
+                self.globs
+                    .iter()
+                    .map(|g| (g.pattern.as_str(), g.target.as_str())),
+            )
+    }
+}
+
+/// A glob (`*` any run, `?` one character, the rest literal) as an anchored regex.
+pub fn glob_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    let mut re = String::with_capacity(pattern.len() + 8);
+    re.push('^');
+    let mut lit = [0u8; 4];
+    for ch in pattern.chars() {
+        match ch {
+            '*' => re.push_str(".*"),
+            '?' => re.push('.'),
+            c => re.push_str(&regex::escape(c.encode_utf8(&mut lit))),
+        }
+    }
+    re.push('$');
+    regex::Regex::new(&re)
 }

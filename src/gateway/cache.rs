@@ -61,7 +61,13 @@ pub async fn lookup(
         (CacheScope::PerKey, Some(k)) => k,
         _ => "shared",
     };
-    let key = cache::cache_key(scope, &req.chat.model, &req.chat.body);
+    // Each API has its own entries: a Messages request and the chat request
+    // it translates to must not answer each other.
+    let scope = match req.api {
+        super::Api::Chat => std::borrow::Cow::Borrowed(scope),
+        api => std::borrow::Cow::Owned(format!("{scope}|api={}", api.as_str())),
+    };
+    let key = cache::cache_key(&scope, &req.chat.model, &req.chat.body);
     let (fill, outcome) = match c.lookup(key, mode).await {
         Lookup::Hit(entry) => {
             app.metrics.record_cache_lookup("response", true);

@@ -43,7 +43,7 @@ pub async fn check(
                 LoopAction::Flag => {}
             }
         }
-        let hv = req.headers.get(g.config().session_header.as_str());
+        let hv = session_header(req, g.config().session_header.as_str());
         let Some(sk) = g.session_key(&scope_name, hv, Some(&body)) else {
             continue;
         };
@@ -83,6 +83,20 @@ fn scopes<'a>(rt: &'a Runtime, req: &Request, target: &Target) -> Vec<(&'a Arc<G
         }
     }
     scopes
+}
+
+/// Headers agent clients send on their own, so a session is found without
+/// configuring the client: Claude Code's and Codex's.
+const CLIENT_SESSION_HEADERS: [&str; 2] = ["x-claude-code-session-id", "session-id"];
+
+/// The session id: the configured header first, then the clients' own
+/// headers, then what the edge found in the body.
+fn session_header<'a>(req: &'a Request, configured: &str) -> Option<&'a str> {
+    std::iter::once(configured)
+        .chain(CLIENT_SESSION_HEADERS)
+        .filter_map(|h| req.headers.get(h))
+        .find(|v| !v.trim().is_empty())
+        .or(req.session_hint.as_deref())
 }
 
 fn loop_error(finding: &str) -> GatewayError {

@@ -125,6 +125,10 @@ pub struct Request {
     pub raw: Bytes,
     pub caller: Caller,
     pub headers: Headers,
+    /// A session id the edge found in the body (Claude Code's
+    /// `metadata.user_id`, a Responses conversation), used by the agent
+    /// guards when no session header names one.
+    pub session_hint: Option<String>,
     pub request_id: Arc<str>,
     /// When the edge started on the request (latency and time to first byte).
     pub started: Instant,

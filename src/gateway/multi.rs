@@ -253,7 +253,8 @@ async fn call_once(
     served: &Mutex<Vec<(Arc<ModelConfig>, Usage)>>,
 ) -> Result<CallResult, GatewayError> {
     let body_for = |m: &ModelConfig| {
-        let mut b = UpstreamBody::new(&chat.body, &m.upstream_model, StreamMode::Strip);
+        let mut b = UpstreamBody::new(&chat.body, &m.upstream_model, StreamMode::Strip)
+            .max_output(m.max_output_tokens);
         b.temperature = call.temperature;
         b.messages = call.messages.as_deref();
         b.to_bytes()

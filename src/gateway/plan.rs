@@ -183,10 +183,12 @@ pub fn reservation(rt: &Runtime, chat: &ChatRequest, plan: &Plan) -> u64 {
     let worst = |models: &mut dyn Iterator<Item = &Arc<ModelConfig>>| -> u64 {
         models
             .map(|m| {
+                // The upstream body's cap is clamped to the same (see
+                // `UpstreamBody::max_output`): an agent asking for 128k output
+                // tokens is reserved for what the deployment can produce.
                 let out = chat
                     .max_tokens
-                    .unwrap_or(m.max_output_tokens)
-                    .min(m.max_output_tokens.max(chat.max_tokens.unwrap_or(0)));
+                    .map_or(m.max_output_tokens, |t| t.min(m.max_output_tokens));
                 let u = Usage {
                     prompt_tokens: reserved_prompt,
                     completion_tokens: out.saturating_mul(u64::from(chat.n)),

@@ -249,7 +249,11 @@ pub async fn call(x: Exec<'_>, facts: &mut Facts) -> Result<Outcome, ApiError> {
         rt,
         &plan.candidates,
         "/chat/completions",
-        |m| UpstreamBody::new(&chat.body, &m.upstream_model, mode).to_bytes(),
+        |m| {
+            UpstreamBody::new(&chat.body, &m.upstream_model, mode)
+                .max_output(m.max_output_tokens)
+                .to_bytes()
+        },
         decision.tier.as_deref(),
     )
     .instrument(tracing::info_span!(

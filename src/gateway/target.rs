@@ -12,14 +12,11 @@ pub enum Target {
 }
 
 /// Router or model, and may this key use it (404/403).
-pub fn resolve(rt: &Runtime, caller: &Caller, model: &str) -> Result<Target, GatewayError> {
-    let target = if let Some(r) = rt.config.routers.get(model) {
-        Target::Router(r.clone())
-    } else if let Some(m) = rt.config.models.get(model) {
-        Target::Model(m.clone())
-    } else {
-        return Err(GatewayError::model_not_found(model));
-    };
+/// An `[aliases]` name is looked up last (router and model names win) and
+/// the key's permission is checked on what it resolves to.
+pub fn resolve(rt: &Runtime, caller: &Caller, requested: &str) -> Result<Target, GatewayError> {
+    let (target, model) =
+        lookup(&rt.config, requested).ok_or_else(|| GatewayError::model_not_found(requested))?;
     if let Some(k) = &caller.0 {
         if !k.may_use(model) {
             return Err(GatewayError::forbidden(format!(
@@ -29,4 +26,16 @@ pub fn resolve(rt: &Runtime, caller: &Caller, model: &str) -> Result<Target, Gat
         }
     }
     Ok(target)
+}
+
+/// A router, model or alias name → its target and the router or model name.
+pub fn lookup<'a>(cfg: &'a crate::config::Config, name: &'a str) -> Option<(Target, &'a str)> {
+    let direct = |n: &'a str| {
+        if let Some(r) = cfg.routers.get(n) {
+            Some((Target::Router(r.clone()), n))
+        } else {
+            cfg.models.get(n).map(|m| (Target::Model(m.clone()), n))
+        }
+    };
+    direct(name).or_else(|| direct(cfg.aliases.resolve(name)?))
 }

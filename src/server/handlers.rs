@@ -185,6 +185,29 @@ pub async fn list_models(
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// `GET /v1/models/{id}`: a router, model or alias the key may use, as
+/// OpenAI's `model` object (SDKs' `models.retrieve`); 404 envelope otherwise.
+pub async fn get_model(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let rt = app.runtime.load();
+    let found = crate::gateway::target::lookup(&rt.config, &id)
+        .filter(|(_, name)| caller.0.as_ref().is_none_or(|k| k.may_use(name)));
+    match found {
+        Some((target, _)) => {
+            let owner = match target {
+                crate::gateway::target::Target::Router(_) => "triage-router",
+                crate::gateway::target::Target::Model(_) => "triage",
+            };
+            Json(json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
+                .into_response()
+        }
+        None => ApiError::model_not_found(&id).into_response(),
+    }
+}
+
 /// Step 1: the body, bounded; over the limit is a 413 envelope.
 pub async fn read_body(
     app: &AppState,
@@ -230,6 +253,7 @@ pub async fn chat_completions(
         raw: bytes,
         caller,
         headers: header_facts(&headers),
+        session_hint: None,
         request_id,
         started,
     };
@@ -297,7 +321,7 @@ fn refused(
 }
 
 /// The header facts the pipeline reads, as plain data.
-fn header_facts(h: &HeaderMap) -> Headers {
+pub(super) fn header_facts(h: &HeaderMap) -> Headers {
     let mut out = Headers::new();
     for (k, v) in h {
         if let Ok(v) = v.to_str() {
@@ -308,7 +332,7 @@ fn header_facts(h: &HeaderMap) -> Headers {
 }
 
 /// The gateway's reply as an HTTP response, with its log facts attached.
-fn encode(reply: Reply) -> Response {
+pub(super) fn encode(reply: Reply) -> Response {
     let Reply { result, facts } = reply;
     let mut resp = match result {
         Ok(o) => outcome_response(o),
@@ -348,7 +372,7 @@ fn outcome_response(o: Outcome) -> Response {
     r
 }
 
-fn request_id(req: &Request) -> Arc<str> {
+pub(super) fn request_id(req: &Request) -> Arc<str> {
     req.extensions()
         .get::<RequestId>()
         .map(|r| r.0.clone())

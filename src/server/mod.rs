@@ -6,6 +6,7 @@ pub mod conn;
 pub mod error;
 pub mod handlers;
 pub mod limits;
+pub mod messages;
 
 use crate::gateway::state::AppState;
 use axum::extract::{Request, State};
@@ -36,11 +37,13 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/completions", post(handlers::completions))
         .route("/embeddings", post(handlers::embeddings))
         .route("/models", get(handlers::list_models))
+        .route("/models/{id}", get(handlers::get_model))
         .route("/triage/keys/self", get(handlers::key_self))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             handlers::authenticate,
-        ));
+        ))
+        .merge(anthropic_routes(&state));
     Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
@@ -58,6 +61,19 @@ pub fn app(state: Arc<AppState>) -> Router {
                 .into_response()
         }))
         .layer(middleware::from_fn(access_log))
+}
+
+/// The Anthropic Messages routes: authenticated like the rest of `/v1`, with
+/// every error (authentication's included) in Anthropic's envelope.
+fn anthropic_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/messages", post(messages::messages))
+        .route("/messages/count_tokens", post(messages::count_tokens))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            handlers::authenticate,
+        ))
+        .route_layer(middleware::from_fn(messages::anthropic_errors))
 }
 
 static REQ_SEQ: AtomicU64 = AtomicU64::new(0);

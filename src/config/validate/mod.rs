@@ -2,6 +2,7 @@
 //! `Collector` with the key path of what it checked, so all problems come out
 //! together and each can be located in the file.
 
+mod aliases;
 mod cache;
 mod keys;
 mod models;
@@ -67,6 +68,7 @@ pub(super) fn validate_into(
             );
         }
     }
+    let aliases = aliases::validate_aliases(v, &raw.aliases, &routers, &models);
     let classifiers = routers::validate_classifiers(v, &raw, base_dir);
     let teams = keys::validate_teams(v, &raw);
     let keys = keys::validate_keys(v, &raw, &teams, env, secrets);
@@ -98,6 +100,7 @@ pub(super) fn validate_into(
         routers,
         classifiers,
         keys,
+        aliases,
         teams,
         cache,
         metrics,

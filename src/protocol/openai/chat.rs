@@ -244,6 +244,32 @@ pub fn content_text(m: &Value) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
+fn is_reminder(t: &str) -> bool {
+    t.trim_start().starts_with("<system-reminder>")
+}
+
+/// A user message's text without reminder blocks; `None` when nothing is left.
+fn human_text(m: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match m.get("content")? {
+        Value::String(s) if !is_reminder(s) && !s.trim().is_empty() => {
+            Some(std::borrow::Cow::Borrowed(s))
+        }
+        Value::Array(parts) => {
+            let texts: Vec<&str> = parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .filter(|t| !is_reminder(t) && !t.trim().is_empty())
+                .collect();
+            match texts.as_slice() {
+                [] => None,
+                [one] => Some(std::borrow::Cow::Borrowed(one)),
+                many => Some(std::borrow::Cow::Owned(many.join("\n"))),
+            }
+        }
+        _ => None,
+    }
+}
+
 /// How the upstream body treats streaming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamMode {
@@ -277,6 +303,9 @@ pub struct UpstreamBody<'a> {
     pub temperature: Option<f64>,
     /// Replaces the conversation.
     pub messages: Option<&'a [Value]>,
+    /// The deployment's output cap: a larger `max_tokens` /
+    /// `max_completion_tokens` is lowered to it (the reservation assumes so).
+    pub max_output: Option<u64>,
 }
 
 impl<'a> UpstreamBody<'a> {
@@ -287,7 +316,14 @@ impl<'a> UpstreamBody<'a> {
             stream,
             temperature: None,
             messages: None,
+            max_output: None,
         }
+    }
+
+    /// Clamps the output cap to the deployment's.
+    pub fn max_output(mut self, cap: u64) -> Self {
+        self.max_output = Some(cap);
+        self
     }
 
     pub fn to_bytes(&self) -> bytes::Bytes {
@@ -312,6 +348,10 @@ impl serde::Serialize for UpstreamBody<'_> {
                 k if self.skips(k) => {}
                 "model" => map.serialize_entry(k, self.model)?,
                 "messages" if self.messages.is_some() => map.serialize_entry(k, &self.messages)?,
+                "max_tokens" | "max_completion_tokens" => match (v.as_u64(), self.max_output) {
+                    (Some(t), Some(cap)) if t > cap => map.serialize_entry(k, &cap)?,
+                    _ => map.serialize_entry(k, v)?,
+                },
                 "stream_options" if force_usage => {
                     saw_options = true;
                     let mut o = v.as_object().cloned().unwrap_or_default();
@@ -407,9 +447,18 @@ impl ChatRequest {
         m.and_then(content_text)
     }
 
-    /// The last user message's text: what classifiers and voters read.
+    /// The newest text a human wrote: what classifiers and voters read. Tool
+    /// results (tool-role messages) are not human text, and neither are the
+    /// `<system-reminder>` blocks agent clients inject into user turns; a
+    /// user turn holding only those is passed over for an older one.
     pub fn last_user_text(&self) -> Option<std::borrow::Cow<'_, str>> {
-        self.text_of(|r| r == "user", true)
+        let Some(Value::Array(msgs)) = self.body.get("messages") else {
+            return None;
+        };
+        msgs.iter()
+            .rev()
+            .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+            .find_map(human_text)
     }
 }
 
@@ -433,6 +482,22 @@ mod tests {
         assert!(r.features.has_tools && r.features.json_response);
         assert_eq!(r.features.turns, 1);
         assert_eq!(r.body["vendor_x"]["a"], 1);
+    }
+
+    #[test]
+    fn last_user_text_skips_tool_results_and_reminders() {
+        let r = parse_chat(
+            br#"{"model":"m","messages":[
+            {"role":"user","content":[{"type":"text","text":"<system-reminder>ctx</system-reminder>"},{"type":"text","text":"fix the bug"}]},
+            {"role":"assistant","content":null,"tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{}"}}]},
+            {"role":"tool","tool_call_id":"t","content":"file contents"},
+            {"role":"user","content":"<system-reminder>todo list</system-reminder>"}]}"#,
+        );
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(r.last_user_text().as_deref(), Some("fix the bug"));
     }
 
     #[test]
