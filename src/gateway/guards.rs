@@ -43,7 +43,10 @@ pub async fn check(
                 LoopAction::Flag => {}
             }
         }
-        let hv = req.headers.get(g.config().session_header.as_str());
+        let hv = req
+            .headers
+            .get(g.config().session_header.as_str())
+            .or(req.session.as_deref());
         let Some(sk) = g.session_key(&scope_name, hv, Some(&body)) else {
             continue;
         };

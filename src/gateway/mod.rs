@@ -125,6 +125,9 @@ pub struct Request {
     pub raw: Bytes,
     pub caller: Caller,
     pub headers: Headers,
+    /// Agent session id the edge found without client configuration (Codex's `session-id`
+    /// header, a body field); guards use it when their session header is absent.
+    pub session: Option<String>,
     pub request_id: Arc<str>,
     /// When the edge started on the request (latency and time to first byte).
     pub started: Instant,

@@ -228,6 +228,7 @@ pub async fn chat_completions(
         raw: bytes,
         caller,
         headers: header_facts(&headers),
+        session: None,
         request_id,
         started,
     };
@@ -295,7 +296,7 @@ fn refused(
 }
 
 /// The header facts the pipeline reads, as plain data.
-fn header_facts(h: &HeaderMap) -> Headers {
+pub(super) fn header_facts(h: &HeaderMap) -> Headers {
     let mut out = Headers::new();
     for (k, v) in h {
         if let Ok(v) = v.to_str() {
@@ -306,7 +307,7 @@ fn header_facts(h: &HeaderMap) -> Headers {
 }
 
 /// The gateway's reply as an HTTP response, with its log facts attached.
-fn encode(reply: Reply) -> Response {
+pub(super) fn encode(reply: Reply) -> Response {
     let Reply { result, facts } = reply;
     let mut resp = match result {
         Ok(o) => outcome_response(o),
@@ -346,7 +347,7 @@ fn outcome_response(o: Outcome) -> Response {
     r
 }
 
-fn request_id(req: &Request) -> Arc<str> {
+pub(super) fn request_id(req: &Request) -> Arc<str> {
     req.extensions()
         .get::<RequestId>()
         .map(|r| r.0.clone())

@@ -6,6 +6,7 @@ pub mod conn;
 pub mod error;
 pub mod handlers;
 pub mod limits;
+pub mod responses;
 
 use crate::gateway::state::AppState;
 use axum::extract::{Request, State};
@@ -35,6 +36,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/chat/completions", post(handlers::chat_completions))
         .route("/completions", post(handlers::completions))
         .route("/embeddings", post(handlers::embeddings))
+        .route("/responses", post(responses::create))
+        .route(
+            "/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
         .route("/models", get(handlers::list_models))
         .route("/triage/keys/self", get(handlers::key_self))
         .route_layer(middleware::from_fn_with_state(
