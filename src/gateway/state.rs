@@ -2,7 +2,6 @@
 //! swapped atomically on reload; the rest (deployment health, limits, spend,
 //! cache, sessions, metrics) outlives reloads.
 
-use crate::store::responses::ResponseStore;
 use crate::auth::KeyTable;
 use crate::cache::ResponseCache;
 use crate::classify::embedded::EmbeddedClassifier;
@@ -14,6 +13,7 @@ use crate::limits::{
 };
 use crate::metrics::{KnownNames, Metrics};
 use crate::route::Health;
+use crate::store::responses::ResponseStore;
 use crate::store::{SharedRedis, SpendLedger, SqliteLedger};
 use crate::upstream::Provider;
 use crate::StartupError;

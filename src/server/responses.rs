@@ -142,7 +142,12 @@ pub async fn create(
             o.body = match o.body {
                 GatewayBody::Json(b) => match json_response(&b, &facts, keep).await {
                     Ok(b) => GatewayBody::Json(b),
-                    Err(e) => return encode(Reply { result: Err(e), facts: log }),
+                    Err(e) => {
+                        return encode(Reply {
+                            result: Err(e),
+                            facts: log,
+                        })
+                    }
                 },
                 GatewayBody::Stream(s) => GatewayBody::Stream(translate_stream(s, facts, keep)),
             };
@@ -150,10 +155,7 @@ pub async fn create(
         }
         Err(e) => Err(e),
     };
-    encode(Reply {
-        result,
-        facts: log,
-    })
+    encode(Reply { result, facts: log })
 }
 
 /// A request refused before the pipeline still counts, under `api=responses`.
@@ -201,7 +203,9 @@ impl Translate {
     async fn feed(&mut self, bytes: &[u8]) -> String {
         let mut events = Vec::new();
         if self.parser.push(bytes, &mut events).is_err() {
-            return self.conv.finish_error("The upstream sent an oversized event.");
+            return self
+                .conv
+                .finish_error("The upstream sent an oversized event.");
         }
         let mut out = String::new();
         for ev in events {
