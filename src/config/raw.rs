@@ -405,4 +405,7 @@ pub struct RawStore {
     /// `redis`: connect, read and write timeout of one call (default `250ms`).
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// How long stored Responses (`store: true`) are kept (default `30d`, as OpenAI).
+    #[serde(default, with = "humantime_serde")]
+    pub responses_retention: Option<Duration>,
 }

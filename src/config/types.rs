@@ -38,6 +38,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
+    /// `[store] responses_retention`: how long stored Responses are kept.
+    pub responses_retention: Duration,
     /// Non-fatal findings (unreachable rules...), logged at startup and printed by `check`.
     pub warnings: Vec<String>,
     /// Where relative paths in the file are resolved from.

@@ -13,6 +13,7 @@ use crate::limits::{
 };
 use crate::metrics::{KnownNames, Metrics};
 use crate::route::Health;
+use crate::store::responses::ResponseStore;
 use crate::store::{SharedRedis, SpendLedger, SqliteLedger};
 use crate::upstream::Provider;
 use crate::StartupError;
@@ -207,6 +208,8 @@ pub struct AppState {
     pub shared_redis: Option<Arc<SharedRedis>>,
     /// Cache evictions already exported to metrics.
     pub evictions_exported: std::sync::atomic::AtomicU64,
+    /// Stored Responses (`store: true`): SQLite under `state_dir`, or memory.
+    pub responses: crate::store::responses::ResponseStore,
 }
 
 impl AppState {
@@ -237,6 +240,7 @@ impl AppState {
             _ => Arc::new(MemoryStore::default()),
         };
         let cache = build_cache(&config, shared_redis.as_ref());
+        let responses = build_responses(&config)?;
         let runtime = Runtime::build(config, &sessions)?;
         Ok(AppState {
             runtime: ArcSwap::from_pointee(runtime),
@@ -250,6 +254,7 @@ impl AppState {
             verdicts: moka::sync::Cache::builder().max_capacity(10_000).build(),
             evictions_exported: std::sync::atomic::AtomicU64::new(0),
             shared_redis,
+            responses,
         })
     }
 
@@ -305,6 +310,16 @@ impl AppState {
                 tracing::error!(error = %e, "flushing the spend ledger failed");
             }
         }
+    }
+}
+
+/// The stored-response store for `[store]`: beside the ledger under `state_dir`, or in memory.
+fn build_responses(config: &Config) -> Result<ResponseStore, StartupError> {
+    let retention = config.responses_retention;
+    match config.store.state_dir() {
+        Some(dir) => ResponseStore::open_sqlite(dir, retention)
+            .map_err(|e| StartupError::Other(format!("store.state_dir: {e}"))),
+        None => Ok(ResponseStore::memory(retention)),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod error;
 pub mod handlers;
 pub mod limits;
 pub mod messages;
+pub mod responses;
 
 use crate::gateway::state::AppState;
 use axum::extract::{Request, State};
@@ -36,6 +37,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/chat/completions", post(handlers::chat_completions))
         .route("/completions", post(handlers::completions))
         .route("/embeddings", post(handlers::embeddings))
+        .route("/responses", post(responses::create))
+        .route(
+            "/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
         .route("/models", get(handlers::list_models))
         .route("/models/{id}", get(handlers::get_model))
         .route("/triage/keys/self", get(handlers::key_self))

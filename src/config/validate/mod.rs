@@ -81,6 +81,7 @@ pub(super) fn validate_into(
     let cache = cache::validate_cache(v, raw.cache.as_ref(), &models);
     let metrics = server::validate_metrics(v, &raw.metrics, env);
     let store = store::validate_store(v, &raw.store, &providers);
+    let responses_retention = store::responses_retention(v, &raw.store);
     if cache.shared {
         if !matches!(store, StoreConfig::Redis { .. }) {
             v.err(
@@ -110,6 +111,7 @@ pub(super) fn validate_into(
             .and_then(|a| a.max_failures_per_minute)
             .unwrap_or(DEFAULT_MAX_AUTH_FAILURES_PER_MINUTE),
         store,
+        responses_retention,
         warnings: Vec::new(),
         base_dir: base_dir.to_path_buf(),
     })

@@ -9,6 +9,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// `store.responses_retention` (default 30 days, as OpenAI keeps stored responses).
+pub(super) fn responses_retention(v: &mut Collector, raw: &RawStore) -> Duration {
+    positive_duration(
+        v,
+        "store.responses_retention",
+        raw.responses_retention,
+        crate::store::responses::DEFAULT_RETENTION,
+    )
+}
+
 pub(super) fn validate_store(
     v: &mut Collector,
     raw: &RawStore,
