@@ -185,3 +185,24 @@ async fn a_repeated_prefix_reports_cached_tokens() {
         assert!(cached < v["usage"]["prompt_tokens"].as_u64().unwrap());
     }
 }
+
+#[test]
+fn the_demo_config_has_an_anthropic_speaking_deployment_in_the_large_tier() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/triage.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let cfg = match triage::config::Config::parse(
+        &text,
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+    ) {
+        Ok(c) => c,
+        Err(e) => panic!("demo config invalid:\n{e}"),
+    };
+    assert_eq!(cfg.tiers["large"].models, ["mock-large", "mock-claude"]);
+    let provider = &cfg.providers[&cfg.models["mock-claude"].provider];
+    match &provider.kind {
+        triage::config::ProviderKind::Mock(m) => {
+            assert_eq!(m.api, triage::config::raw::MockApi::Anthropic)
+        }
+        other => panic!("{other:?}"),
+    }
+}
