@@ -649,6 +649,7 @@ async fn mock_upstream(
         latency,
         tokens_per_second: tps,
         reply_words: words.max(1),
+        api: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

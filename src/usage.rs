@@ -65,22 +65,34 @@ impl Usage {
         let cached = v
             .pointer("/prompt_tokens_details/cached_tokens")
             .and_then(|c| c.as_u64())
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .min(prompt);
+        // Not an OpenAI field: written by our Anthropic translation so cache
+        // writes survive the trip through chat-shaped usage.
+        let written = v
+            .pointer("/prompt_tokens_details/cache_write_tokens")
+            .and_then(|c| c.as_u64())
+            .unwrap_or(0)
+            .min(prompt - cached);
         Some(Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            cached_tokens: cached.min(prompt),
-            cache_write_tokens: 0,
+            cached_tokens: cached,
+            cache_write_tokens: written,
             estimated: false,
         })
     }
 
     pub fn to_json(&self) -> serde_json::Value {
+        let mut details = serde_json::json!({ "cached_tokens": self.cached_tokens });
+        if self.cache_write_tokens > 0 {
+            details["cache_write_tokens"] = self.cache_write_tokens.into();
+        }
         serde_json::json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total(),
-            "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
+            "prompt_tokens_details": details,
         })
     }
 }

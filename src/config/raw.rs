@@ -106,8 +106,21 @@ pub enum RawProviderKind {
     /// Any OpenAI-compatible HTTP API.
     #[serde(rename = "openai")]
     OpenAi,
+    /// Anthropic Messages API (`/v1/messages`).
+    Anthropic,
+    /// Azure OpenAI: deployment URLs with `api_version`, the v1 API without.
+    Azure,
     /// Built in, no network.
     Mock,
+}
+
+/// Which API the built-in mock speaks at its provider's chat endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MockApi {
+    #[default]
+    Chat,
+    Anthropic,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -137,6 +150,17 @@ pub struct RawProvider {
     pub total_timeout: Option<Duration>,
     /// Extra attempts on the same deployment before moving on (before the first byte only).
     pub retries: Option<u32>,
+    /// `kind = "openai"`: the upstream also speaks the Responses API.
+    pub responses: Option<bool>,
+    /// `kind = "azure"`: `api-version` query; without it the v1 API is used.
+    pub api_version: Option<String>,
+    /// `kind = "anthropic"`: the `anthropic-version` header.
+    pub anthropic_version: Option<String>,
+    /// `kind = "anthropic"`: client `anthropic-beta` flags passed on; others are dropped.
+    #[serde(default)]
+    pub beta_allow: Vec<String>,
+    /// `kind = "mock"`: `chat` (default) or `anthropic`.
+    pub api: Option<MockApi>,
     // Mock-only knobs.
     #[serde(default, with = "humantime_serde")]
     pub latency: Option<Duration>,
@@ -167,6 +191,8 @@ pub struct RawPrice {
     #[serde(default)]
     pub input: f64,
     pub cached_input: Option<f64>,
+    /// Prompt-cache writes (Anthropic); defaults to `input`.
+    pub cache_write: Option<f64>,
     #[serde(default)]
     pub output: f64,
 }

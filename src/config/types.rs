@@ -66,7 +66,24 @@ pub enum AuthMode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderKind {
-    OpenAi { base_url: String },
+    OpenAi {
+        base_url: String,
+        /// The upstream speaks the Responses API too (recorded for native
+        /// Responses passthrough; chat requests use its chat endpoint).
+        responses: bool,
+    },
+    Anthropic {
+        base_url: String,
+        version: String,
+        /// `anthropic-beta` flags a client may pass through.
+        beta_allow: Vec<String>,
+    },
+    Azure {
+        /// `https://NAME.openai.azure.com`, no trailing slash.
+        base_url: String,
+        /// Deployment URLs with `?api-version=` when set; the v1 API otherwise.
+        api_version: Option<String>,
+    },
     Mock(MockSettings),
 }
 
@@ -75,6 +92,8 @@ pub struct MockSettings {
     pub latency: Duration,
     pub tokens_per_second: u32,
     pub reply_words: u32,
+    /// `api = "anthropic"`: the provider speaks the Messages API to the mock.
+    pub api: super::raw::MockApi,
 }
 
 #[derive(Debug, Clone)]

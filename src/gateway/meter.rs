@@ -43,12 +43,17 @@ pub fn price_of(m: &ModelConfig) -> limits::Price {
     m.price
 }
 
+/// Cost in nano-dollars, each token class billed once. `Usage` follows
+/// OpenAI's shape: `prompt_tokens` includes the cache reads (`cached_tokens`)
+/// and cache writes (`cache_write_tokens`), which are priced apart from the
+/// plain input (Anthropic's `input_tokens` was already widened on the way in).
 pub fn cost_of(m: &ModelConfig, u: &Usage) -> u64 {
-    limits::cost_nanos(
+    crate::limits::cost_nanos(
         u.prompt_tokens,
         u.cached_tokens,
+        u.cache_write_tokens,
         u.completion_tokens,
-        &price_of(m),
+        &m.price,
     )
 }
 
@@ -215,5 +220,64 @@ impl Meter {
                 cost_nanos: *c,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod cost_tests {
+    use super::*;
+    use crate::config::Price;
+
+    fn model(price: Price) -> ModelConfig {
+        ModelConfig {
+            name: "m".into(),
+            provider: "p".into(),
+            upstream_model: "m".into(),
+            price,
+            max_output_tokens: 1024,
+            fallbacks: Vec::new(),
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn openai_shape_bills_cached_tokens_once() {
+        // gpt-4o-like: $2.50 in, $1.25 cached, $10 out per Mtok.
+        let m = model(Price {
+            input: 2_500_000_000,
+            cached_input: 1_250_000_000,
+            cache_write: 2_500_000_000,
+            output: 10_000_000_000,
+        });
+        // prompt_tokens 1000 includes 400 cached: 600 * 2.5 + 400 * 1.25 + 500 * 10 (micro-$).
+        let u = Usage::from_json(&serde_json::json!({
+            "prompt_tokens": 1000, "completion_tokens": 500,
+            "prompt_tokens_details": {"cached_tokens": 400}
+        }))
+        .unwrap_or_default();
+        assert_eq!(cost_of(&m, &u), 1_500_000 + 500_000 + 5_000_000);
+    }
+
+    #[test]
+    fn anthropic_shape_bills_reads_and_writes_once() {
+        // claude-sonnet-like: $3 in, $0.30 cache read, $3.75 cache write, $15 out.
+        let m = model(Price {
+            input: 3_000_000_000,
+            cached_input: 300_000_000,
+            cache_write: 3_750_000_000,
+            output: 15_000_000_000,
+        });
+        let u = crate::protocol::anthropic::usage_from_messages(&serde_json::json!({
+            "input_tokens": 100, "cache_read_input_tokens": 2000,
+            "cache_creation_input_tokens": 1000, "output_tokens": 200
+        }))
+        .unwrap_or_default();
+        assert_eq!(u.prompt_tokens, 3100);
+        // 100 * 3 + 2000 * 0.30 + 1000 * 3.75 + 200 * 15 (micro-$).
+        assert_eq!(cost_of(&m, &u), 300_000 + 600_000 + 3_750_000 + 3_000_000);
+        // Through the chat-shaped usage the gateway reads back, nothing changes.
+        let again = Usage::from_json(&u.to_json()).unwrap_or_default();
+        assert_eq!(again, u);
+        assert_eq!(cost_of(&m, &again), 7_650_000);
     }
 }

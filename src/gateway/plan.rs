@@ -101,6 +101,7 @@ pub async fn plan(
                     reason,
                     fell_back_from: Vec::new(),
                     skipped: Vec::new(),
+                    upstream_api: None,
                 },
                 candidates,
                 vote,

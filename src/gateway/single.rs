@@ -33,8 +33,10 @@ pub struct Dispatched {
     pub upstream_wait: Duration,
 }
 
-/// Tries deployments in order. A connect error, timeout, 429 or 5xx moves on
-/// to the next attempt; other 4xx answers pass straight through.
+/// Tries deployments in order. A connect error, timeout, 429 or 5xx (an
+/// Anthropic 529 `overloaded_error` included) moves on to the next attempt,
+/// whatever API the next deployment speaks; other 4xx answers pass straight
+/// through.
 pub async fn dispatch(
     app: &AppState,
     rt: &Runtime,
@@ -63,7 +65,10 @@ pub async fn dispatch(
         if let Some(prev) = fell_back_from.last() {
             metrics.record_fallback(prev, &m.name);
         }
-        let body = body_for(m);
+        let mut body = body_for(m);
+        if provider.speaks_anthropic() && path == "/chat/completions" {
+            body = crate::upstream::with_default_max_tokens(body, m.max_output_tokens);
+        }
         let attempts = 1 + provider.config.retries;
         for attempt in 0..attempts {
             if attempt > 0 {
@@ -275,6 +280,12 @@ pub async fn call(x: Exec<'_>, facts: &mut Facts) -> Result<Outcome, ApiError> {
     }
     decision.fell_back_from = d.fell_back_from;
     decision.skipped = d.skipped;
+    if rt
+        .provider(&d.candidate.model.provider)
+        .is_some_and(|p| p.speaks_anthropic())
+    {
+        decision.upstream_api = Some("anthropic");
+    }
     meter.routed(&decision, d.upstream_wait);
     tracing::debug!(request_id = %req.request_id, model = %decision.model, "routed");
     if cache != CacheOutcome::None {

@@ -96,22 +96,29 @@ pub struct Price {
     pub input: u64,
     /// Cached input tokens (a subset of the prompt tokens).
     pub cached_input: u64,
+    /// Input tokens written to the provider's prompt cache (Anthropic bills
+    /// these above the input price; part of the prompt tokens).
+    pub cache_write: u64,
     /// Output (completion) tokens.
     pub output: u64,
 }
 
-/// Cost in nano-dollars; `cached_tokens` are part of `prompt_tokens` (OpenAI usage semantics).
-/// Rounds up so metering never under-bills by a fraction of a nano-dollar.
+/// Cost in nano-dollars, each token class billed once: `cached_tokens` (cache reads) and
+/// `cache_write_tokens` are parts of `prompt_tokens` (OpenAI usage semantics; Anthropic usage is
+/// converted to them). Rounds up so metering never under-bills by a fraction of a nano-dollar.
 pub fn cost_nanos(
     prompt_tokens: u64,
     cached_tokens: u64,
+    cache_write_tokens: u64,
     completion_tokens: u64,
     price: &Price,
 ) -> u64 {
-    let cached = cached_tokens.min(prompt_tokens);
-    let uncached = prompt_tokens - cached;
-    let total = u128::from(uncached) * u128::from(price.input)
-        + u128::from(cached) * u128::from(price.cached_input)
+    let read = cached_tokens.min(prompt_tokens);
+    let write = cache_write_tokens.min(prompt_tokens - read);
+    let plain = prompt_tokens - read - write;
+    let total = u128::from(plain) * u128::from(price.input)
+        + u128::from(read) * u128::from(price.cached_input)
+        + u128::from(write) * u128::from(price.cache_write)
         + u128::from(completion_tokens) * u128::from(price.output);
     u64::try_from(total.div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
@@ -218,21 +225,22 @@ mod tests {
         let p = Price {
             input: 2_500_000_000,
             cached_input: 1_250_000_000,
+            cache_write: 3_125_000_000,
             output: 10_000_000_000,
         };
-        assert_eq!(cost_nanos(1_000_000, 0, 0, &p), 2_500_000_000);
+        assert_eq!(cost_nanos(1_000_000, 0, 0, 0, &p), 2_500_000_000);
         assert_eq!(
-            cost_nanos(1000, 400, 500, &p),
+            cost_nanos(1000, 400, 0, 500, &p),
             1_500_000 + 500_000 + 5_000_000
         );
         // Cached tokens beyond the prompt count are clamped.
-        assert_eq!(cost_nanos(10, 50, 0, &p), 12_500);
+        assert_eq!(cost_nanos(10, 50, 0, 0, &p), 12_500);
         // One token at a sub-nano price rounds up.
         let cheap = Price {
             input: 1,
             ..Price::default()
         };
-        assert_eq!(cost_nanos(1, 0, 0, &cheap), 1);
-        assert_eq!(cost_nanos(u64::MAX, 0, u64::MAX, &p), u64::MAX);
+        assert_eq!(cost_nanos(1, 0, 0, 0, &cheap), 1);
+        assert_eq!(cost_nanos(u64::MAX, 0, 0, u64::MAX, &p), u64::MAX);
     }
 }

@@ -37,6 +37,9 @@ pub struct RouteDecision {
     pub fell_back_from: Vec<String>,
     /// Deployments passed over without a call because they were cooling down.
     pub skipped: Vec<String>,
+    /// The serving deployment's API when it is not chat completions (the
+    /// request was translated), e.g. `anthropic`.
+    pub upstream_api: Option<&'static str>,
 }
 
 impl RouteDecision {
@@ -50,6 +53,7 @@ impl RouteDecision {
             reason: RouteReason::Direct,
             fell_back_from: Vec::new(),
             skipped: Vec::new(),
+            upstream_api: None,
         }
     }
 
@@ -86,6 +90,9 @@ impl RouteDecision {
         }
         if !self.skipped.is_empty() {
             let _ = write!(s, "; cooling={}", self.skipped.join(","));
+        }
+        if let Some(a) = self.upstream_api {
+            let _ = write!(s, "; upstream_api={a}");
         }
         s
     }

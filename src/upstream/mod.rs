@@ -1,9 +1,15 @@
-//! Provider clients. Every provider speaks the OpenAI HTTP API: remote ones
-//! through a pooled `reqwest` client, the built-in mock in-process through
-//! the same request/response shape, so the gateway has one code path.
+//! Provider clients. The gateway speaks the OpenAI HTTP API to every
+//! provider: remote ones through a pooled `reqwest` client, the built-in mock
+//! in-process through the same request/response shape, so the gateway has one
+//! code path. Providers that speak another API (`kind = "anthropic"`, a mock
+//! with `api = "anthropic"`) are translated here, at the edge; Azure differs
+//! only in URLs and the key header.
 
+mod anthropic;
+pub use anthropic::with_default_max_tokens;
 pub mod mock;
 
+use crate::config::raw::MockApi;
 use crate::config::{ProviderConfig, ProviderKind};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -80,7 +86,50 @@ impl UpstreamResponse {
 }
 
 /// Endpoints with their URL parsed once, not on every request.
-const PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
+const PATHS: [&str; 4] = [
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/messages",
+];
+
+/// What a provider speaks on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wire {
+    Chat,
+    /// Messages API: chat requests are translated both ways.
+    Anthropic,
+    /// Azure OpenAI: deployment URLs when `api_version` is set, v1 otherwise.
+    Azure {
+        api_version: Option<String>,
+    },
+}
+
+/// The URL of an Azure OpenAI call. With an `api_version`, the deployment
+/// (the model's upstream name) is in the path; the v1 API takes the model
+/// in the body like OpenAI.
+pub fn azure_url(
+    base_url: &str,
+    api_version: Option<&str>,
+    path: &str,
+    deployment: &str,
+) -> String {
+    match api_version {
+        Some(v) => {
+            // Azure deployment names are [A-Za-z0-9._-]; escape anything else.
+            let mut dep = String::with_capacity(deployment.len());
+            for b in deployment.bytes() {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                    dep.push(char::from(b));
+                } else {
+                    dep.push_str(&format!("%{b:02X}"));
+                }
+            }
+            format!("{base_url}/openai/deployments/{dep}{path}?api-version={v}")
+        }
+        None => format!("{base_url}/openai/v1{path}"),
+    }
+}
 
 enum Transport {
     Http {
@@ -97,19 +146,20 @@ enum Transport {
 pub struct Provider {
     pub config: Arc<ProviderConfig>,
     transport: Transport,
+    wire: Wire,
 }
 
 impl Provider {
     pub fn new(config: Arc<ProviderConfig>) -> Result<Provider, reqwest::Error> {
-        let transport = match &config.kind {
-            ProviderKind::OpenAi { base_url } => Transport::Http {
+        let http = |base_url: &str| -> Result<Transport, reqwest::Error> {
+            Ok(Transport::Http {
                 client: reqwest::Client::builder()
                     .connect_timeout(config.connect_timeout)
                     .tcp_nodelay(true)
                     .pool_max_idle_per_host(1024)
                     .pool_idle_timeout(Duration::from_secs(90))
                     .build()?,
-                base_url: base_url.clone(),
+                base_url: base_url.to_string(),
                 headers: fixed_headers(&config),
                 urls: PATHS
                     .iter()
@@ -119,20 +169,69 @@ impl Provider {
                             .map(|u| (*p, u))
                     })
                     .collect(),
-            },
-            ProviderKind::Mock(settings) => Transport::Mock(mock::router(settings.clone())),
+            })
         };
-        Ok(Provider { config, transport })
+        let (transport, wire) = match &config.kind {
+            ProviderKind::OpenAi { base_url, .. } => (http(base_url)?, Wire::Chat),
+            ProviderKind::Anthropic { base_url, .. } => (http(base_url)?, Wire::Anthropic),
+            ProviderKind::Azure {
+                base_url,
+                api_version,
+            } => (
+                http(base_url)?,
+                Wire::Azure {
+                    api_version: api_version.clone(),
+                },
+            ),
+            ProviderKind::Mock(settings) => (
+                Transport::Mock(mock::router(settings.clone())),
+                match settings.api {
+                    MockApi::Chat => Wire::Chat,
+                    MockApi::Anthropic => Wire::Anthropic,
+                },
+            ),
+        };
+        Ok(Provider {
+            config,
+            transport,
+            wire,
+        })
+    }
+
+    /// The provider speaks Anthropic's Messages API (chat is translated).
+    pub fn speaks_anthropic(&self) -> bool {
+        self.wire == Wire::Anthropic
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
     }
 
-    /// Sends `body` to `path` (e.g. `/chat/completions`) and waits for the
-    /// response head and the first body bytes within the first-byte timeout.
-    /// The body stream ends with a timeout error at `deadline`.
+    /// Sends an OpenAI-shaped `body` to `path` (e.g. `/chat/completions`)
+    /// and waits for the response head and the first body bytes within the
+    /// first-byte timeout; the body stream ends with a timeout error at
+    /// `deadline`. For an Anthropic provider the chat request and its answer
+    /// are translated, so the caller always sees chat completions.
     pub async fn send(
+        &self,
+        path: &str,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        if self.wire == Wire::Anthropic && path == "/chat/completions" {
+            let out = match anthropic::translate_request(&body) {
+                Ok(o) => o,
+                Err(e) => return Ok(anthropic::refusal(&e)),
+            };
+            let resp = self.send_native("/messages", out.body, deadline).await?;
+            return Ok(anthropic::translate_response(resp, out.stream, self.name()));
+        }
+        self.send_native(path, body, deadline).await
+    }
+
+    /// [`send`](Provider::send) without translation: `body` goes out as is,
+    /// in the provider's own API.
+    pub async fn send_native(
         &self,
         path: &str,
         body: Bytes,
@@ -189,9 +288,19 @@ impl Provider {
                 urls,
                 headers,
             } => {
-                let mut req = match urls.iter().find(|(p, _)| *p == path) {
-                    Some((_, url)) => client.post(url.clone()),
-                    None => client.post(format!("{base_url}{path}")),
+                let mut req = if let Wire::Azure { api_version } = &self.wire {
+                    let deployment = deployment_of(&body);
+                    client.post(azure_url(
+                        base_url,
+                        api_version.as_deref(),
+                        path,
+                        &deployment,
+                    ))
+                } else {
+                    match urls.iter().find(|(p, _)| *p == path) {
+                        Some((_, url)) => client.post(url.clone()),
+                        None => client.post(format!("{base_url}{path}")),
+                    }
                 };
                 req = req.headers(headers.clone()).body(body);
                 let resp = req.send().await.map_err(|e| UpstreamError::Connect {
@@ -245,16 +354,41 @@ impl Provider {
     }
 }
 
+/// The `model` of an OpenAI-shaped body: an Azure deployment name.
+fn deployment_of(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct M {
+        #[serde(default)]
+        model: String,
+    }
+    serde_json::from_slice::<M>(body)
+        .map(|m| m.model)
+        .unwrap_or_default()
+}
+
 fn fixed_headers(config: &ProviderConfig) -> http::HeaderMap {
     let mut h = http::HeaderMap::new();
     h.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    if let ProviderKind::Anthropic { version, .. } = &config.kind {
+        if let Ok(v) = http::HeaderValue::from_str(version) {
+            h.insert("anthropic-version", v);
+        }
+    }
     if let Some(k) = &config.api_key {
-        if let Ok(mut v) = http::HeaderValue::from_str(&format!("Bearer {k}")) {
+        // Each API names its key header differently.
+        let (name, value) = match &config.kind {
+            ProviderKind::Anthropic { .. } => {
+                (http::HeaderName::from_static("x-api-key"), k.clone())
+            }
+            ProviderKind::Azure { .. } => (http::HeaderName::from_static("api-key"), k.clone()),
+            _ => (http::header::AUTHORIZATION, format!("Bearer {k}")),
+        };
+        if let Ok(mut v) = http::HeaderValue::from_str(&value) {
             v.set_sensitive(true);
-            h.insert(http::header::AUTHORIZATION, v);
+            h.insert(name, v);
         }
     }
     // Validated at config load; anything unparsable was already reported.
@@ -309,3 +443,25 @@ impl Stream for DeadlineStream {
 }
 
 use std::future::Future;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn azure_urls_in_both_styles() {
+        assert_eq!(
+            azure_url("https://r.openai.azure.com", Some("2024-10-21"), "/chat/completions", "gpt-4o prod"),
+            "https://r.openai.azure.com/openai/deployments/gpt-4o%20prod/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            azure_url(
+                "https://r.openai.azure.com",
+                None,
+                "/chat/completions",
+                "gpt-4o"
+            ),
+            "https://r.openai.azure.com/openai/v1/chat/completions"
+        );
+    }
+}

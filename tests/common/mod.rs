@@ -69,7 +69,16 @@ pub struct MockState {
     pub completed: AtomicUsize,
     /// Calls per `model` field value.
     pub per_model: Mutex<std::collections::HashMap<String, usize>>,
+    /// Path (with query) and headers of every request, in order.
+    pub seen: Mutex<Vec<Seen>>,
     script: Mutex<Script>,
+}
+
+/// What the mock saw of one request besides its body.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path_and_query: String,
+    pub headers: axum::http::HeaderMap,
 }
 
 pub struct MockUpstream {
@@ -87,12 +96,21 @@ impl MockUpstream {
             cancelled: AtomicUsize::new(0),
             completed: AtomicUsize::new(0),
             per_model: Mutex::new(Default::default()),
+            seen: Mutex::new(Vec::new()),
             script: Mutex::new(Box::new(script)),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(handle))
             .route("/v1/completions", post(handle))
             .route("/v1/embeddings", post(handle))
+            // Anthropic's Messages API: `Content`/`Echo` answer Anthropic-shaped.
+            .route("/v1/messages", post(handle_messages))
+            // Azure OpenAI, both URL styles (chat-shaped answers).
+            .route(
+                "/openai/deployments/{deployment}/chat/completions",
+                post(handle),
+            )
+            .route("/openai/v1/chat/completions", post(handle))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -127,6 +145,11 @@ impl MockUpstream {
             .unwrap_or(0)
     }
 
+    /// Path, query and headers of the last request.
+    pub fn last_seen(&self) -> Seen {
+        self.state.seen.lock().unwrap().last().cloned().unwrap()
+    }
+
     pub fn last_request(&self) -> Value {
         self.state
             .requests
@@ -151,27 +174,64 @@ pub fn tokens(s: &str) -> u64 {
     s.split_whitespace().count() as u64
 }
 
-async fn handle(State(st): State<Arc<MockState>>, body: Bytes) -> Response {
+async fn handle(
+    State(st): State<Arc<MockState>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(&st, &uri, headers);
+    handle_as(st, body, false).await
+}
+
+async fn handle_messages(
+    State(st): State<Arc<MockState>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(&st, &uri, headers);
+    handle_as(st, body, true).await
+}
+
+fn record(st: &MockState, uri: &axum::http::Uri, headers: axum::http::HeaderMap) {
+    let path_and_query = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    st.seen.lock().unwrap().push(Seen {
+        path_and_query,
+        headers,
+    });
+}
+
+async fn handle_as(st: Arc<MockState>, body: Bytes, anthropic: bool) -> Response {
     let n = st.calls.fetch_add(1, Ordering::SeqCst);
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     st.requests.lock().unwrap().push(v.clone());
     let model = v["model"].as_str().unwrap_or("").to_string();
     *st.per_model.lock().unwrap().entry(model).or_default() += 1;
     let reply = (st.script.lock().unwrap())(&v, n);
-    respond(st, v, reply).await
+    respond(st, v, reply, anthropic).await
 }
 
 fn respond(
     st: Arc<MockState>,
     v: Value,
     reply: Reply,
+    anthropic: bool,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
     Box::pin(async move {
         match reply {
             Reply::Delay(d, inner) => {
                 tokio::time::sleep(d).await;
-                respond(st, v, *inner).await
+                respond(st, v, *inner, anthropic).await
             }
+            Reply::Echo if anthropic => {
+                let text = format!("echo: {}", last_user_text(&v));
+                anthropic_answer(st, &v, text)
+            }
+            Reply::Content(text) if anthropic => anthropic_answer(st, &v, text),
             Reply::Echo => {
                 let text = format!("echo: {}", last_user(&v));
                 answer(st, &v, text, Duration::ZERO)
@@ -282,6 +342,78 @@ fn answer(st: Arc<MockState>, req: &Value, text: String, gap: Duration) -> Respo
     Response::builder()
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(s))
+        .unwrap()
+}
+
+/// The last user message's text, whether `content` is a string or blocks.
+fn last_user_text(body: &Value) -> String {
+    let Some(m) = body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+    else {
+        return String::new();
+    };
+    match &m["content"] {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// An Anthropic Messages answer (JSON, or SSE events when `stream` is set);
+/// tokens are words, as in `answer`.
+fn anthropic_answer(st: Arc<MockState>, req: &Value, text: String) -> Response {
+    st.completed.fetch_add(1, Ordering::SeqCst);
+    let model = req["model"].as_str().unwrap_or("m").to_string();
+    let input = tokens(&last_user_text(req)) + 1;
+    let output = tokens(&text).max(1);
+    if req["stream"] != json!(true) {
+        return axum::Json(json!({
+            "id": "msg_test", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": output},
+        }))
+        .into_response();
+    }
+    let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut out = ev(
+        "message_start",
+        json!({"type": "message_start", "message": {
+        "id": "msg_test", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": input, "output_tokens": 1}}}),
+    );
+    out += &ev(
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    );
+    for (i, w) in text.split(' ').enumerate() {
+        let w = if i == 0 {
+            w.to_string()
+        } else {
+            format!(" {w}")
+        };
+        out += &ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}),
+        );
+    }
+    out += &ev(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    );
+    out += &ev(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": output}}),
+    );
+    out += &ev("message_stop", json!({"type": "message_stop"}));
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from(out))
         .unwrap()
 }
 

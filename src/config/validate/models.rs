@@ -39,6 +39,10 @@ pub(super) fn validate_models(
             Some(c) => price_nanos(v, &format!("{path}.price.cached_input"), c),
             None => input,
         };
+        let cache_write = match m.price.cache_write {
+            Some(c) => price_nanos(v, &format!("{path}.price.cache_write"), c),
+            None => input,
+        };
         let output = price_nanos(v, &format!("{path}.price.output"), m.price.output);
         out.insert(
             name.clone(),
@@ -49,6 +53,7 @@ pub(super) fn validate_models(
                 price: Price {
                     input,
                     cached_input,
+                    cache_write,
                     output,
                 },
                 max_output_tokens: m.max_output_tokens.unwrap_or(4096),

@@ -85,7 +85,7 @@ fn events_become_chat_chunks() {
     assert_eq!(
         last["usage"],
         json!({"prompt_tokens": 1672, "completion_tokens": 89, "total_tokens": 1761,
-               "prompt_tokens_details": {"cached_tokens": 1000}})
+               "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 200}})
     );
     let u = s.usage().unwrap();
     assert_eq!(

@@ -280,7 +280,7 @@ fn response_to_chat_with_text_tools_and_thinking() {
     assert_eq!(
         c["usage"],
         json!({"prompt_tokens": 160, "completion_tokens": 30, "total_tokens": 190,
-               "prompt_tokens_details": {"cached_tokens": 100}})
+               "prompt_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 50}})
     );
 }
 
