@@ -652,10 +652,16 @@ tier = "small"
         ("unknown:low_confidence", "mid")
     );
     // min_confidence = 0.99 on the router: even a clear prompt is low confidence.
+    // The label is reported as `unknown`, the classifier's best kept as `top`.
     let rt = route_text(&gw, "strict", BUG).await;
     assert_eq!(
-        (r(&rt, "label"), r(&rt, "reason"), r(&rt, "tier")),
-        ("bug", "unknown:low_confidence", "mid")
+        (
+            r(&rt, "label"),
+            r(&rt, "top"),
+            r(&rt, "reason"),
+            r(&rt, "tier")
+        ),
+        ("unknown", "bug", "unknown:low_confidence", "mid")
     );
 
     let unknown = metric(

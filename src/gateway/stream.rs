@@ -187,10 +187,11 @@ impl SseForwarder {
 
     fn fail(&mut self, message: String) {
         tracing::warn!(error = %message, "upstream stream broke");
+        // The detail (provider URL, OS error) stays in the log.
         let event = crate::protocol::openai::error::sse_event(
-            &message,
+            "The provider's stream broke off.",
             "api_error",
-            Some("upstream_error"),
+            Some("upstream_invalid_response"),
         );
         self.out.extend_from_slice(&event);
         self.upstream_error = Some(message);
