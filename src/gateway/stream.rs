@@ -187,11 +187,10 @@ impl SseForwarder {
 
     fn fail(&mut self, message: String) {
         tracing::warn!(error = %message, "upstream stream broke");
-        // The detail (provider URL, OS error) stays in the log.
         let event = crate::protocol::openai::error::sse_event(
-            "The provider's stream broke off.",
+            &message,
             "api_error",
-            Some("upstream_invalid_response"),
+            Some("upstream_error"),
         );
         self.out.extend_from_slice(&event);
         self.upstream_error = Some(message);
@@ -250,7 +249,17 @@ impl Stream for SseForwarder {
                         this.fail("upstream sent an oversized SSE event".into());
                     }
                 }
-                Poll::Ready(Some(Err(e))) => this.fail(e.to_string()),
+                Poll::Ready(Some(Err(e))) => {
+                    // The client is told what happened, not the provider's URL or OS error.
+                    tracing::warn!(error = %e, "upstream stream failed");
+                    let what = match e {
+                        crate::upstream::UpstreamError::Timeout { phase, .. } => {
+                            format!("The provider timed out ({phase}).")
+                        }
+                        _ => "The provider's stream broke off.".to_string(),
+                    };
+                    this.fail(what)
+                }
                 Poll::Ready(None) => {
                     if let Some(ev) = this.parser.finish() {
                         this.handle(ev);
