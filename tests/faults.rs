@@ -271,7 +271,7 @@ async fn refused_connection_falls_back_or_gives_a_502_envelope() {
     .await;
     assert_eq!(s, 502, "{b}");
     let e: Value = serde_json::from_str(&b).unwrap();
-    assert_eq!(e["error"]["code"], "upstream_error");
+    assert_eq!(e["error"]["code"], "upstream_unreachable");
     assert_eq!(e["error"]["type"], "api_error");
     assert_eq!(up.calls_for("fast-upstream"), 2);
     gw.shutdown().await;
@@ -331,7 +331,7 @@ async fn connection_reset_before_head_falls_back_and_after_first_byte_does_not()
     assert_eq!(s, 502, "{b}");
     assert_eq!(
         serde_json::from_str::<Value>(&b).unwrap()["error"]["code"],
-        "upstream_error"
+        "upstream_invalid_response"
     );
     assert_eq!(
         raw.calls.load(Ordering::SeqCst),
@@ -499,7 +499,7 @@ async fn invalid_json_from_upstream_is_a_clean_502() {
         let (s, _, b) = post_chat(&gw, chat(m, "x", false)).await;
         assert_eq!(s, 502, "{m}: {b}");
         let e: Value = serde_json::from_str(&b).unwrap();
-        assert_eq!(e["error"]["code"], "upstream_error");
+        assert_eq!(e["error"]["code"], "upstream_invalid_response");
         // Streaming: a body that is no SSE at all ends as an error event, not a hang.
         let (s, _, b) = bounded(10, m, post_chat(&gw, chat(m, "x", true))).await;
         assert_eq!(s, 200);

@@ -49,6 +49,16 @@ pub async fn admit(
             };
             let mut e = GatewayError::new(429, kind, Some(code), r.message());
             e.headers.extend(r.rate_headers());
+            // A budget only frees up when its period ends: say when.
+            if r.kind == limits::RefusalKind::Budget {
+                if let Some(end) = r.period_end_unix {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    let left = u64::try_from(end).unwrap_or(0).saturating_sub(now);
+                    e = e.with_retry_after(left.max(1));
+                }
+            }
             Err(e)
         }
     }

@@ -17,6 +17,10 @@ pub struct GatewayError {
     pub headers: Vec<(&'static str, String)>,
     /// An upstream's own error body, passed through verbatim instead of our envelope.
     pub raw: Option<Bytes>,
+    /// Deployments called and abandoned before giving up (for `x-triage-route`).
+    pub tried: Vec<String>,
+    /// Deployments passed over because they were cooling down.
+    pub cooling: Vec<String>,
 }
 
 impl GatewayError {
@@ -35,6 +39,8 @@ impl GatewayError {
             retry_after: None,
             headers: Vec::new(),
             raw: None,
+            tried: Vec::new(),
+            cooling: Vec::new(),
         }
     }
 
@@ -116,10 +122,32 @@ impl GatewayError {
         )
     }
 
+    /// 502 `upstream_error`: the provider answered with a 5xx.
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(502, "api_error", Some("upstream_error"), message)
     }
 
+    /// 502 `upstream_unreachable`: no connection to the provider.
+    pub fn upstream_unreachable(model: &str) -> Self {
+        Self::new(
+            502,
+            "api_error",
+            Some("upstream_unreachable"),
+            format!("The provider for `{model}` could not be reached."),
+        )
+    }
+
+    /// 502 `upstream_invalid_response`: the provider's answer broke off or is not what we asked for.
+    pub fn upstream_invalid_response(model: &str) -> Self {
+        Self::new(
+            502,
+            "api_error",
+            Some("upstream_invalid_response"),
+            format!("The provider for `{model}` returned an invalid response."),
+        )
+    }
+
+    /// 504 `upstream_timeout`.
     pub fn gateway_timeout(message: impl Into<String>) -> Self {
         Self::new(504, "api_error", Some("upstream_timeout"), message)
     }

@@ -158,6 +158,8 @@ pub struct Facts {
     /// The request's metrics were already recorded (by its settlement).
     pub metered: bool,
     pub route: Option<String>,
+    /// The plan's decision, for `x-triage-route` when the request fails after routing.
+    pub decision: Option<RouteDecision>,
     pub cache: Option<&'static str>,
 }
 
@@ -189,12 +191,27 @@ pub(crate) fn finish(
     mut facts: Facts,
 ) -> Reply {
     facts.api = Some(api.as_str());
-    let result = result.map(|mut o| {
-        let route = format!("api={}; {}", api.as_str(), o.decision.header_value());
-        facts.route = Some(route.clone());
-        o.headers.push(("x-triage-route", route));
-        o
-    });
+    let route = |d: &RouteDecision| format!("api={}; {}", api.as_str(), d.header_value());
+    let result = match result {
+        Ok(mut o) => {
+            let r = route(&o.decision);
+            facts.route = Some(r.clone());
+            o.headers.push(("x-triage-route", r));
+            Ok(o)
+        }
+        Err(mut e) => {
+            // Failed after routing: the plan, plus every deployment tried or skipped.
+            if let Some(mut d) = facts.decision.take() {
+                d.fell_back_from = std::mem::take(&mut e.tried);
+                d.skipped = std::mem::take(&mut e.cooling);
+                d.model.clear();
+                let r = route(&d);
+                facts.route = Some(r.clone());
+                e.headers.push(("x-triage-route", r));
+            }
+            Err(e)
+        }
+    };
     if let Err(e) = &result {
         if !facts.metered {
             app.metrics.record_request(&RequestRecord {
@@ -249,6 +266,7 @@ async fn run_chat(
     let early = admit_before_classifying(app, &rt, req, &target, &mut headers).await?;
     let plan = plan::plan(app, &rt, req, &target, guards.escalate).await;
     facts.route = Some(plan.decision.header_value());
+    facts.decision = Some(plan.decision.clone());
     let (fill, cache, ttl) = match cache::lookup(app, &rt, req, &target, &plan).await {
         cache::CacheStep::Hit(entry) => {
             let hit = cache::Hit {

@@ -269,17 +269,12 @@ async fn call_once(
     )
     .await?;
     let model = d.candidate.model.clone();
-    let body = d
-        .response
-        .collect(MAX_UPSTREAM_BODY)
-        .await
-        .map_err(|e| GatewayError::bad_gateway(e.to_string()))?;
-    let completion: Value = serde_json::from_slice(&body).map_err(|_| {
-        GatewayError::bad_gateway(format!(
-            "Provider for `{}` returned invalid JSON.",
-            model.name
-        ))
+    let body = d.response.collect(MAX_UPSTREAM_BODY).await.map_err(|e| {
+        tracing::warn!(model = %model.name, error = %e, "provider broke the response");
+        GatewayError::upstream_invalid_response(&model.name)
     })?;
+    let completion: Value = serde_json::from_slice(&body)
+        .map_err(|_| GatewayError::upstream_invalid_response(&model.name))?;
     let usage = completion
         .get("usage")
         .and_then(Usage::from_json)

@@ -28,14 +28,14 @@ pub struct PassRequest {
 }
 
 pub async fn passthrough(app: &Arc<AppState>, req: PassRequest) -> Reply {
-    let facts = Facts {
+    let mut facts = Facts {
         key: req.caller.name().map(str::to_string),
         // These endpoints have never counted refused requests in metrics;
         // settled ones are counted by their meter.
         metered: true,
         ..Facts::default()
     };
-    let result = run(app, &req).await;
+    let result = run(app, &req, &mut facts).await;
     super::finish(app, req.api, req.started, result, facts)
 }
 
@@ -97,9 +97,14 @@ fn reservation(req: &PassRequest, plan: &Plan, prompt: u64) -> u64 {
         .unwrap_or(0)
 }
 
-async fn run(app: &Arc<AppState>, req: &PassRequest) -> Result<Outcome, GatewayError> {
+async fn run(
+    app: &Arc<AppState>,
+    req: &PassRequest,
+    facts: &mut Facts,
+) -> Result<Outcome, GatewayError> {
     let rt = app.runtime.load_full();
     let plan = plan(app, &rt, req)?;
+    facts.decision = Some(plan.decision.clone());
     let stream = req
         .body
         .get("stream")
@@ -185,16 +190,14 @@ async fn whole(d: Dispatched, meter: Meter, prompt: u64) -> Result<Body, Gateway
     let bytes = match d.response.collect(MAX_UPSTREAM_BODY).await {
         Ok(b) => b,
         Err(e) => {
+            tracing::warn!(model = %model.name, error = %e, "provider broke the response");
             meter.finish(502, &Bill::default(), None);
-            return Err(GatewayError::bad_gateway(e.to_string()));
+            return Err(GatewayError::upstream_invalid_response(&model.name));
         }
     };
     let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
         meter.finish(502, &Bill::default(), None);
-        return Err(GatewayError::bad_gateway(format!(
-            "Provider for `{}` returned invalid JSON.",
-            model.name
-        )));
+        return Err(GatewayError::upstream_invalid_response(&model.name));
     };
     let usage = v.get("usage").and_then(Usage::from_json).unwrap_or(Usage {
         prompt_tokens: prompt,

@@ -91,10 +91,20 @@ pub async fn plan(
                 cascade = None;
             }
             let candidates = route::tier_candidates(&rt.config, &tier, &app.health);
+            // Below `min_confidence` the label is `unknown`; the raw one stays visible as `top`.
+            let (label, top) = if low_confidence(r, &c) {
+                (
+                    crate::config::UNKNOWN_LABEL.to_string(),
+                    Some(c.label.clone()),
+                )
+            } else {
+                (c.label.clone(), None)
+            };
             Plan {
                 decision: RouteDecision {
                     router: Some(r.name.clone()),
-                    label: Some(c.label.clone()),
+                    label: Some(label),
+                    top,
                     confidence: Some(c.confidence),
                     tier: Some(tier),
                     model: String::new(),
@@ -131,16 +141,28 @@ async fn classify(
     let c = route::classify::classify(&env, r, chat)
         .instrument(tracing::info_span!("classify", router = %r.name))
         .await;
-    let unknown = if c.failed {
-        Some(crate::metrics::UnknownReason::Failure)
-    } else if c.label != crate::config::UNKNOWN_LABEL && c.confidence < r.min_confidence {
-        Some(crate::metrics::UnknownReason::LowConfidence)
+    let (unknown, label) = if c.failed {
+        (
+            Some(crate::metrics::UnknownReason::Failure),
+            c.label.as_str(),
+        )
+    } else if low_confidence(r, &c) {
+        (
+            Some(crate::metrics::UnknownReason::LowConfidence),
+            crate::config::UNKNOWN_LABEL,
+        )
     } else {
-        None
+        (None, c.label.as_str())
     };
     app.metrics
-        .record_classification(&r.name, classifier_kind(r), &c.label, t0.elapsed(), unknown);
+        .record_classification(&r.name, classifier_kind(r), label, t0.elapsed(), unknown);
     c
+}
+
+/// A real label whose confidence is below the router's threshold (`route::choose_tier`
+/// sends it to `unknown_tier`).
+fn low_confidence(r: &RouterConfig, c: &Classification) -> bool {
+    !c.failed && c.label != crate::config::UNKNOWN_LABEL && c.confidence < r.min_confidence
 }
 
 /// The matched rule's vote or cascade, else the router's.

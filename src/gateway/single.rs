@@ -87,7 +87,11 @@ pub async fn dispatch(
                         upstream_wait: wait_start.elapsed(),
                     })
                 }
-                Attempt::Final(e) => return Err(e),
+                Attempt::Final(mut e) => {
+                    e.tried = fell_back_from;
+                    e.cooling = skipped;
+                    return Err(e);
+                }
                 Attempt::Failed(e, kind, retry_after) => (e, kind, retry_after),
             };
             metrics.record_upstream(&m.name, t0.elapsed(), UpstreamOutcome::Error(kind));
@@ -108,7 +112,28 @@ pub async fn dispatch(
         }
         fell_back_from.push(m.name.clone());
     }
-    Err(last_error.unwrap_or_else(|| no_deployment(tier_name, !skipped.is_empty())))
+    let mut err = last_error.unwrap_or_else(|| {
+        let e = no_deployment(tier_name, !skipped.is_empty());
+        // Come back when the first cooldown ends (at least a second).
+        match skipped
+            .iter()
+            .filter_map(|m| app.health.cooldown_left(m))
+            .min()
+        {
+            Some(left) => e.with_retry_after(whole_secs(left)),
+            None => e,
+        }
+    });
+    err.tried = fell_back_from;
+    err.cooling = skipped;
+    Err(err)
+}
+
+/// Whole seconds, rounded up, at least 1 (for `Retry-After`).
+fn whole_secs(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(1_000_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Nothing answered and nothing failed: every deployment was skipped.
@@ -219,12 +244,16 @@ impl Drop for ProbeSlot<'_> {
     }
 }
 
+/// What the client is told about a failed call: the model and a stable
+/// reason code. The provider's URL and the OS error stay in the log (logged
+/// by `judge`, under the request's span and its request id).
 fn upstream_error(model: &str, e: &UpstreamError) -> ApiError {
     match e {
         UpstreamError::Timeout { phase, .. } => {
-            ApiError::gateway_timeout(format!("Provider for `{model}` timed out ({phase})."))
+            ApiError::gateway_timeout(format!("The provider for `{model}` timed out ({phase})."))
         }
-        _ => ApiError::bad_gateway(format!("Provider for `{model}` failed: {e}")),
+        UpstreamError::Connect { .. } => ApiError::upstream_unreachable(model),
+        UpstreamError::Body { .. } => ApiError::upstream_invalid_response(model),
     }
 }
 
@@ -384,19 +413,15 @@ impl Answer<'_> {
         let body = match response.collect(MAX_UPSTREAM_BODY).await {
             Ok(b) => b,
             Err(e) => {
+                tracing::warn!(model = %model.name, error = %e, "provider broke the response");
                 meter.finish(502, &bill, None);
-                return Err(ApiError::bad_gateway(format!(
-                    "Provider for `{}` broke the response: {e}",
-                    model.name
-                )));
+                return Err(ApiError::upstream_invalid_response(&model.name));
             }
         };
         let Some(usage) = completion_usage(&body) else {
+            tracing::warn!(model = %model.name, "provider's body is not a chat completion");
             meter.finish(502, &bill, None);
-            return Err(ApiError::bad_gateway(format!(
-                "Provider for `{}` returned a body that is not a chat completion.",
-                model.name
-            )));
+            return Err(ApiError::upstream_invalid_response(&model.name));
         };
         let usage = if usage == Usage::default() {
             // The provider reported nothing: estimate, and say so in the ledger.

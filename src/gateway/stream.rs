@@ -249,7 +249,17 @@ impl Stream for SseForwarder {
                         this.fail("upstream sent an oversized SSE event".into());
                     }
                 }
-                Poll::Ready(Some(Err(e))) => this.fail(e.to_string()),
+                Poll::Ready(Some(Err(e))) => {
+                    // The client is told what happened, not the provider's URL or OS error.
+                    tracing::warn!(error = %e, "upstream stream failed");
+                    let what = match e {
+                        crate::upstream::UpstreamError::Timeout { phase, .. } => {
+                            format!("The provider timed out ({phase}).")
+                        }
+                        _ => "The provider's stream broke off.".to_string(),
+                    };
+                    this.fail(what)
+                }
                 Poll::Ready(None) => {
                     if let Some(ev) = this.parser.finish() {
                         this.handle(ev);

@@ -27,10 +27,13 @@ pub enum RouteReason {
 #[derive(Debug, Clone)]
 pub struct RouteDecision {
     pub router: Option<String>,
+    /// `unknown` when the classifier's best label fell below `min_confidence`.
     pub label: Option<String>,
+    /// The classifier's best label, when `label` became `unknown` in its place.
+    pub top: Option<String>,
     pub confidence: Option<f32>,
     pub tier: Option<String>,
-    /// The deployment that served (set after dispatch).
+    /// The deployment that served (set after dispatch; empty when none did).
     pub model: String,
     pub reason: RouteReason,
     /// Deployments tried and abandoned before `model` answered.
@@ -47,6 +50,7 @@ impl RouteDecision {
         RouteDecision {
             router: None,
             label: None,
+            top: None,
             confidence: None,
             tier: None,
             model: model.to_string(),
@@ -69,7 +73,8 @@ impl RouteDecision {
         s
     }
 
-    /// Header value: `router=auto; label=code; confidence=0.93; tier=large; model=smart; reason=rule[1]`.
+    /// Header value: `router=auto; label=code; confidence=0.93; tier=large; model=smart; reason=rule[1]`,
+    /// on errors too (then `model` is absent and `fallback_from` lists every deployment tried).
     pub fn header_value(&self) -> String {
         let mut s = String::with_capacity(96);
         if let Some(r) = &self.router {
@@ -78,13 +83,19 @@ impl RouteDecision {
         if let Some(l) = &self.label {
             let _ = write!(s, "label={l}; ");
         }
+        if let Some(t) = &self.top {
+            let _ = write!(s, "top={t}; ");
+        }
         if let Some(c) = self.confidence {
             let _ = write!(s, "confidence={c:.2}; ");
         }
         if let Some(t) = &self.tier {
             let _ = write!(s, "tier={t}; ");
         }
-        let _ = write!(s, "model={}; reason={}", self.model, self.reason_str());
+        if !self.model.is_empty() {
+            let _ = write!(s, "model={}; ", self.model);
+        }
+        let _ = write!(s, "reason={}", self.reason_str());
         if !self.fell_back_from.is_empty() {
             let _ = write!(s, "; fallback_from={}", self.fell_back_from.join(","));
         }
@@ -240,6 +251,15 @@ impl Health {
             .get(model)
             .and_then(|s| s.cooldown_until)
             .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Time until `model`'s cooldown ends, while it is cooling down.
+    pub fn cooldown_left(&self, model: &str) -> Option<Duration> {
+        let states = self.states.lock();
+        let until = states.get(model)?.cooldown_until?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
     }
 
     pub fn success(&self, model: &str, latency: Duration) {
