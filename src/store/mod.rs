@@ -270,6 +270,13 @@ impl SqliteLedger {
         self.counters.written.load(Ordering::Relaxed)
     }
 
+    /// Ends the writer's linger early (it may be parked rather than waiting on the channel).
+    fn wake_writer(&self) {
+        if let Some(handle) = self.writer.lock().as_ref() {
+            handle.thread().unpark();
+        }
+    }
+
     #[cfg(test)]
     fn set_fail_writes(&self, fail: bool) {
         self.counters.fail_writes.store(fail, Ordering::Relaxed);
@@ -310,6 +317,7 @@ impl SpendLedger for SqliteLedger {
         self.tx
             .send(Msg::Flush(reply_tx))
             .map_err(|_| StoreError::Writer("writer thread exited"))?;
+        self.wake_writer();
         match reply_rx.recv_timeout(FLUSH_TIMEOUT) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => Err(StoreError::Writer("flush timed out")),
@@ -321,6 +329,7 @@ impl SpendLedger for SqliteLedger {
 impl Drop for SqliteLedger {
     fn drop(&mut self) {
         let _ = self.tx.send(Msg::Shutdown);
+        self.wake_writer();
         if let Some(handle) = self.writer.lock().take() {
             if handle.join().is_err() {
                 tracing::error!("ledger writer thread panicked");
@@ -374,20 +383,26 @@ impl Writer {
                 self.accept(m, &mut flush_waiters, &mut shutdown);
             }
             // Group commit: linger briefly after a record so concurrent ones share one transaction.
+            // Parked, not blocked in `recv`: a record sent meanwhile then costs its sender no
+            // wake-up (a futex call and a context switch per request otherwise); `flush` and
+            // `Drop` unpark the writer so they never wait out the linger.
             if got_record && flush_waiters.is_empty() && !shutdown {
                 let deadline = Instant::now() + LINGER;
-                while self.pending.len() < MAX_BATCH && flush_waiters.is_empty() && !shutdown {
-                    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                        Ok(m) => self.accept(m, &mut flush_waiters, &mut shutdown),
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => shutdown = true,
+                loop {
+                    self.drain(&rx, &mut flush_waiters, &mut shutdown);
+                    let now = Instant::now();
+                    if self.pending.len() >= MAX_BATCH
+                        || !flush_waiters.is_empty()
+                        || shutdown
+                        || now >= deadline
+                    {
+                        break;
                     }
+                    std::thread::park_timeout(deadline - now);
                 }
             }
             // Anything already queued joins this commit (and precedes any flush request).
-            while let Ok(m) = rx.try_recv() {
-                self.accept(m, &mut flush_waiters, &mut shutdown);
-            }
+            self.drain(&rx, &mut flush_waiters, &mut shutdown);
             let retry_due = self.next_retry.is_none_or(|at| Instant::now() >= at);
             if !self.pending.is_empty() && (retry_due || !flush_waiters.is_empty() || shutdown) {
                 self.write_all();
@@ -401,6 +416,25 @@ impl Writer {
                 records = self.pending.len(),
                 "ledger shutting down with unwritten spend records"
             );
+        }
+    }
+
+    /// Takes every message already queued, without waiting.
+    fn drain(
+        &mut self,
+        rx: &Receiver<Msg>,
+        waiters: &mut Vec<mpsc::SyncSender<Result<(), StoreError>>>,
+        shutdown: &mut bool,
+    ) {
+        loop {
+            match rx.try_recv() {
+                Ok(m) => self.accept(m, waiters, shutdown),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    *shutdown = true;
+                    break;
+                }
+            }
         }
     }
 
