@@ -15,9 +15,10 @@ codex_home="$(mktemp -d)"
 trap 'rm -rf "$codex_home"' EXIT
 work="$codex_home/work"
 mkdir -p "$work"
-# Codex asks for its own model name unless told; until aliases map it, name ours with -m.
+# Codex offers its hosted web_search tool unless told not to; a chat upstream cannot run it
+# (triage answers 400 naming the tool), so the check turns it off as a user would.
 if (cd "$work" && CODEX_HOME="$codex_home" GW_KEY="$TRIAGE_KEY" timeout 120 "$CODEX" exec \
-    --skip-git-repo-check -m "$model" -c model_provider=gw \
+    --skip-git-repo-check -m "$model" -c model_provider=gw -c 'web_search="disabled"' \
     -c "model_providers.gw={name=\"gw\",base_url=\"$TRIAGE_URL/v1\",env_key=\"GW_KEY\",wire_api=\"responses\"}" \
     "say hi" >"$codex_home/out.txt" 2>&1); then
     echo "ok codex exec"
