@@ -245,7 +245,7 @@ pub async fn chat_completions(
     };
     let chat = match chat::parse_chat(&bytes) {
         Ok(c) => c,
-        Err(e) => return refused(&app, &caller, started, e.into()),
+        Err(e) => return refused(Api::Chat, &app, &caller, started, e.into()),
     };
     let req = crate::gateway::Request {
         api: Api::Chat,
@@ -300,8 +300,9 @@ async fn passthrough(app: Arc<AppState>, caller: Caller, req: Request, api: Api)
     encode(crate::gateway::passthrough(&app, req).await)
 }
 
-/// A chat request refused before it reached the gateway still counts.
-fn refused(
+/// A request refused before it reached the gateway still counts, under its API.
+pub(super) fn refused(
+    api: Api,
     app: &Arc<AppState>,
     caller: &Caller,
     started: std::time::Instant,
@@ -311,13 +312,7 @@ fn refused(
         key: caller.name().map(str::to_string),
         ..Default::default()
     };
-    encode(crate::gateway::finish(
-        app,
-        Api::Chat,
-        started,
-        Err(e),
-        facts,
-    ))
+    encode(crate::gateway::finish(app, api, started, Err(e), facts))
 }
 
 /// The header facts the pipeline reads, as plain data.

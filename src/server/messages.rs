@@ -4,7 +4,7 @@
 //! the answer is translated back: JSON whole, streams event by event. Every
 //! error on these routes leaves in Anthropic's envelope (`anthropic_errors`).
 
-use super::handlers::{encode, header_facts, read_body, request_id, Caller};
+use super::handlers::{encode, header_facts, read_body, refused, request_id, Caller};
 use crate::gateway::state::AppState;
 use crate::gateway::{Api, Body as GatewayBody, Reply};
 use crate::protocol::anthropic::{self, ChatToMessagesStream};
@@ -38,7 +38,7 @@ pub async fn messages(
     let decoded = decode(&bytes);
     let (body, chat) = match decoded {
         Ok(d) => d,
-        Err(e) => return refused(&app, &caller, started, e),
+        Err(e) => return refused(Api::Messages, &app, &caller, started, e),
     };
     let requested_model = chat.model.clone();
     let input_estimate = chat.features.prompt_tokens;
@@ -101,25 +101,6 @@ fn decode(bytes: &[u8]) -> Result<(Value, chat::ChatRequest), ApiError> {
 
 fn protocol_error(e: anthropic::ProtocolError) -> ApiError {
     ApiError::invalid_request(e.message).with_param(e.param)
-}
-
-fn refused(
-    app: &Arc<AppState>,
-    caller: &Caller,
-    started: std::time::Instant,
-    e: ApiError,
-) -> Response {
-    let facts = crate::gateway::Facts {
-        key: caller.name().map(str::to_string),
-        ..Default::default()
-    };
-    encode(crate::gateway::finish(
-        app,
-        Api::Messages,
-        started,
-        Err(e),
-        facts,
-    ))
 }
 
 /// The chat answer (live or replayed from the cache) in Messages format.

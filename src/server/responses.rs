@@ -3,7 +3,7 @@
 //! stream translated chunk by chunk). Stored responses live in `AppState::responses`.
 
 use super::error::ApiError;
-use super::handlers::{encode, header_facts, read_body, request_id, Caller};
+use super::handlers::{encode, header_facts, read_body, refused, request_id, Caller};
 use crate::gateway::state::AppState;
 use crate::gateway::{Api, Body as GatewayBody, Reply};
 use crate::protocol::openai::chat;
@@ -80,11 +80,11 @@ pub async fn create(
     let request_id = request_id(&req);
     let (headers, bytes, _) = match read_body(&app, req).await {
         Ok(b) => b,
-        Err(e) => return refused(&app, &caller, started, e),
+        Err(e) => return refused(Api::Responses, &app, &caller, started, e),
     };
     let body = match chat::parse_object(&bytes) {
         Ok(m) => Value::Object(m),
-        Err(e) => return refused(&app, &caller, started, e.into()),
+        Err(e) => return refused(Api::Responses, &app, &caller, started, e.into()),
     };
     let facts = RequestFacts::from_request(&body);
     let owner = owner(&caller);
@@ -94,9 +94,9 @@ pub async fn create(
             Ok(Some(r)) => Some(r.conversation()),
             Ok(None) => {
                 let e = not_found(id, Some("previous_response_id"));
-                return refused(&app, &caller, started, e);
+                return refused(Api::Responses, &app, &caller, started, e);
             }
-            Err(e) => return refused(&app, &caller, started, store_failed(e)),
+            Err(e) => return refused(Api::Responses, &app, &caller, started, store_failed(e)),
         },
     };
     let chat_body = match wire::responses_to_chat(&body, previous.as_deref()) {
@@ -104,13 +104,13 @@ pub async fn create(
         Err(e) => {
             let mut err = ApiError::new(e.status, "invalid_request_error", None, e.message);
             err.param = e.param;
-            return refused(&app, &caller, started, err);
+            return refused(Api::Responses, &app, &caller, started, err);
         }
     };
     let raw = Bytes::from(chat_body.to_string());
     let chat = match chat::parse_chat(&raw) {
         Ok(c) => c,
-        Err(e) => return refused(&app, &caller, started, e.into()),
+        Err(e) => return refused(Api::Responses, &app, &caller, started, e.into()),
     };
     let session = headers
         .get(SESSION_HEADER)
@@ -156,21 +156,6 @@ pub async fn create(
         Err(e) => Err(e),
     };
     encode(Reply { result, facts: log })
-}
-
-/// A request refused before the pipeline still counts, under `api=responses`.
-fn refused(app: &Arc<AppState>, caller: &Caller, started: Instant, e: ApiError) -> Response {
-    let facts = crate::gateway::Facts {
-        key: caller.name().map(str::to_string),
-        ..Default::default()
-    };
-    encode(crate::gateway::finish(
-        app,
-        Api::Responses,
-        started,
-        Err(e),
-        facts,
-    ))
 }
 
 async fn json_response(
