@@ -172,15 +172,7 @@ pub fn chat_to_messages_request_with_drops(
         "parallel_tool_calls",
         "reasoning_effort",
     ];
-    for k in req.keys() {
-        if KNOWN_DROPS.contains(&k.as_str()) || !HANDLED.contains(&k.as_str()) {
-            drops.add(k.clone());
-        }
-    }
-    Ok(Translated {
-        body: Value::Object(out),
-        dropped: drops.0,
-    })
+    Ok(drops.finish(req, HANDLED, KNOWN_DROPS, out))
 }
 
 /// Chat messages → (system texts, Messages turns). System and developer

@@ -167,15 +167,7 @@ pub fn messages_to_chat_with_drops(body: &Value) -> Result<Translated, ProtocolE
         "output_format",
         "mcp_servers",
     ];
-    for k in req.keys() {
-        if KNOWN_DROPS.contains(&k.as_str()) || !HANDLED.contains(&k.as_str()) {
-            drops.add(k.clone());
-        }
-    }
-    Ok(Translated {
-        body: Value::Object(out),
-        dropped: drops.0,
-    })
+    Ok(drops.finish(req, HANDLED, KNOWN_DROPS, out))
 }
 
 /// `system` as a string or text blocks → one system string (None when empty).

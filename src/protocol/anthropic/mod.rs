@@ -31,7 +31,7 @@ pub use ingress::{
 };
 pub use ingress_stream::{ChatToMessagesStream, PING_FRAME};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// A request that cannot be translated: always a 400 `invalid_request_error`
 /// naming the field (Anthropic's dotted path style, e.g. `messages.2.content.0`).
@@ -70,6 +70,26 @@ impl Drops {
         let f = field.into();
         if !self.0.contains(&f) {
             self.0.push(f);
+        }
+    }
+
+    /// Finishes a translation: every top-level field of `req` that is known to be
+    /// dropped, or that the translation did not handle, is reported as dropped.
+    fn finish(
+        mut self,
+        req: &Map<String, Value>,
+        handled: &[&str],
+        known_drops: &[&str],
+        out: Map<String, Value>,
+    ) -> Translated {
+        for k in req.keys() {
+            if known_drops.contains(&k.as_str()) || !handled.contains(&k.as_str()) {
+                self.add(k.clone());
+            }
+        }
+        Translated {
+            body: Value::Object(out),
+            dropped: self.0,
         }
     }
 }
